@@ -1,0 +1,1 @@
+"""Exporters: lower the IR to a runtime's file format, streaming, refusing what is inexact."""

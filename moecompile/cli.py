@@ -1,0 +1,114 @@
+"""`moecompile MODEL --target gguf -o OUT.gguf`: the command line.
+
+Exit codes: 0 success, 1 the export failed verification (the file is kept under a name that
+says so), 2 bad input or an impossible request (one line on stderr, nothing written),
+3 an internal error (a bug), 130 interrupted (nothing left behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError, VerificationError
+
+log = logging.getLogger("moecompile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moecompile",
+        description="Compile a Hugging Face Mixture-of-Experts checkpoint into a verified "
+                    "GGUF file for llama.cpp.")
+    p.add_argument("model", help="Hugging Face checkpoint folder (config.json + safetensors)")
+    p.add_argument("--target", choices=["gguf", "onnx"], default="gguf")
+    p.add_argument("-o", "--output", help="output file, or a folder (ending in /) to write into")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="weight type of the export (default f16); routers and norms stay F32")
+    p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip running the export in its runtime against the reference")
+    p.add_argument("--device", default=None, help="torch device of the reference executor "
+                   "(default: cuda when available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"moecompile {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="moecompile: %(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"moecompile: error: {exc}", file=sys.stderr)
+        return 2
+    except VerificationError as exc:
+        if args.debug:
+            raise
+        print(f"moecompile: verification failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moecompile: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"moecompile: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: say so in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"moecompile: internal error: {type(exc).__name__}: {exc} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import frontend
+    from .compile import compile_gguf
+    from .ir import format_ir
+
+    model = frontend.load(args.model)
+    if args.print_ir:
+        print(format_ir(model))
+        if not args.output:
+            return 0
+    if not args.output:
+        raise UserError("no output given: use -o OUT.gguf (or --print-ir to inspect the model)")
+    if args.target != "gguf":
+        raise UserError(f"target '{args.target}' is not implemented yet (available: gguf)")
+    out = resolve_output(args.output, model.source, args.dtype)
+    result = compile_gguf(model, out, dtype=args.dtype, verify=not args.no_verify,
+                          device=args.device, progress=not args.quiet)
+    print(result.summary())
+    return 0 if result.passed else 1
+
+
+def resolve_output(output: str, source: str, dtype: str) -> Path:
+    """OUT.gguf as given, or DIR/<model>-<dtype>.gguf for a folder; check it can be written."""
+    out = Path(output)
+    if output.endswith(("/", "\\")) or out.is_dir():
+        out = out / f"{Path(source).name}-{dtype}.gguf"
+    if out.suffix != ".gguf":
+        raise UserError(f"{out}: output for --target gguf must end in .gguf")
+    parent = out.parent
+    if not parent.exists():
+        raise UserError(f"{out}: output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{out}: {parent} is not a folder")
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

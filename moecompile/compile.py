@@ -1,0 +1,97 @@
+"""The compile job: IR → export under a temporary name → verify → rename → report.
+
+The output path only ever holds a complete, verified file (or, with --no-verify, a complete
+one). A failed verification keeps the file as `OUT.FAILED.gguf` for inspection. Any error or
+Ctrl-C removes the temporary file, so nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__, ir
+from .errors import UserError
+from .verify import VerifyResult, verify_gguf
+
+log = logging.getLogger("moecompile")
+
+
+@dataclass
+class CompileResult:
+    output: Path
+    report_path: Path
+    report: dict = field(default_factory=dict)
+    verification: VerifyResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+    def summary(self) -> str:
+        r = self.report
+        lines = [f"wrote {self.output} ({r['arch']}, {r['tensor_bytes'] / 2**20:.1f} MiB of "
+                 f"tensors, {len(r['tensors'])} tensors)"]
+        if self.verification is not None:
+            lines.append("verify " + self.verification.summary())
+        else:
+            lines.append("verification skipped (--no-verify)")
+        lines.append(f"report {self.report_path}")
+        return "\n".join(lines)
+
+
+def _temp_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def compile_gguf(model: ir.Model, out: Path, dtype: str = "f16", verify: bool = True,
+                 device: str | None = None, progress: bool = True) -> CompileResult:
+    from moecompile.exporters import gguf as gguf_export
+
+    ir.verify(model)
+    tmp = _temp_path(out)
+    report_path = out.with_suffix(".report.json")
+    try:
+        try:
+            result = gguf_export.export(model, tmp, dtype=dtype, progress=progress)
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
+        verification = None
+        if verify:
+            log.info("verifying %s in llama.cpp against the reference executor", out.name)
+            verification = verify_gguf(model, tmp, gguf_export.StoredNumerics(result.tensors),
+                                       device=device)
+        final = out if verification is None or verification.passed else out.with_suffix(
+            ".FAILED.gguf")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report = {
+        "moecompile": __version__,
+        "source": model.source,
+        "family": model.family,
+        "target": "gguf",
+        "arch": result.arch,
+        "dtype": dtype,
+        "output": str(final),
+        "passes": list(model.history),
+        "tensor_bytes": result.tensor_bytes,
+        "file_bytes": final.stat().st_size,
+        "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape),
+                     "bytes": t.nbytes} for t in result.tensors],
+        "verification": verification.to_dict() if verification else None,
+    }
+    write_json_atomic(report_path, report)
+    return CompileResult(final, report_path, report, verification)

@@ -1,0 +1,135 @@
+"""A Hugging Face checkpoint folder, opened lazily.
+
+Only headers are read here: the config, the tokenizer file names, and each safetensors file's
+header (names, dtypes, shapes). Tensor data stays on disk until `Checkpoint.read` is called, which
+goes through safetensors' memory-mapped `safe_open`, so a pass or exporter that needs one expert's
+slice reads only that slice.
+
+Pickled checkpoints (`pytorch_model.bin`) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+
+_ST_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Checkpoint:
+    """Names, shapes and dtypes of a checkpoint's tensors, and lazy access to their data."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise UserError(f"{self.path}: tensor '{key}' is missing from the checkpoint") from None
+
+    def read(self, key: str, index: tuple | None = None) -> torch.Tensor:
+        """Read one tensor, or only `index` of it (a tuple of ints/slices on the leading dims)."""
+        info = self.info(key)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        if index is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[index]
+
+
+def _read_header(file: Path) -> dict:
+    """Parse a safetensors header and check that the file holds all the data it announces."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise UserError(f"{file}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise UserError(f"{file}: corrupt safetensors header")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{file}: cannot read safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    if 8 + n + end > size:
+        raise UserError(
+            f"{file}: truncated safetensors file ({size} bytes, header announces {8 + n + end})"
+        )
+    return header
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise UserError(f"{index}: malformed index ({exc})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise UserError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise UserError(
+            f"{path}: only pickled PyTorch weights (.bin/.pt) found; they run code when loaded, "
+            "so moecompile refuses them. Convert to safetensors first, e.g. "
+            "AutoModelForCausalLM.from_pretrained(p).save_pretrained(p, safe_serialization=True) "
+            "in a trusted environment"
+        )
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint folder: config and tensor headers only, no tensor data."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{path}: config.json not found")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file}: invalid JSON ({exc})") from None
+    tensors: dict[str, TensorInfo] = {}
+    for file in _shard_files(path):
+        for key, meta in _read_header(file).items():
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise UserError(f"{file}: tensor '{key}' has unsupported dtype {meta['dtype']}")
+            tensors[key] = TensorInfo(file, dtype, tuple(meta["shape"]))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        announced = set(json.loads(index.read_text())["weight_map"])
+        missing = sorted(announced - set(tensors))
+        if missing:
+            raise UserError(f"{index}: tensor '{missing[0]}' listed in the index is in no shard")
+    return Checkpoint(path, config, tensors)

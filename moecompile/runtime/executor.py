@@ -1,0 +1,180 @@
+"""The reference executor: runs the IR in plain torch and returns logits.
+
+It is the numerical ground truth of the project: verification compares exported files with it,
+and calibration and pruning search run on it. It follows the Hugging Face modelling code of each
+family operation for operation (float32, RMSNorm, NEOX rope, GQA, softmax routing, SwiGLU experts),
+and is tested against transformers' own forward pass.
+
+Weights are materialised on first use through `weight_fn` (by default the IR handle's own
+data). Verification runs the same graph on the exact numbers an export holds by passing a
+`weight_fn` that rounds weights to their stored type and an `input_fn` that rounds each matmul's
+input the way the runtime's kernel does (llama.cpp's CPU kernels quantize activations to Q8_0
+for Q8_0 weights and round them to F16/BF16 for F16/BF16 weights).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import ir
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ReferenceExecutor:
+    def __init__(self, model: ir.Model, device: str | None = None,
+                 weight_fn: Callable[[ir.Tensor], torch.Tensor] | None = None,
+                 input_fn: Callable[[ir.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.model = model
+        self.device = torch.device(device or default_device())
+        self._weight_fn = weight_fn or (lambda t: t.value())
+        self._input_fn = input_fn
+        self._cache: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ weights
+    def w(self, t: ir.Tensor | None) -> torch.Tensor | None:
+        """The float32 value of an IR tensor on the executor's device, cached by identity."""
+        if t is None:
+            return None
+        hit = self._cache.get(id(t))
+        if hit is None:
+            hit = self._weight_fn(t).to(device=self.device, dtype=torch.float32)
+            self._cache[id(t)] = hit
+        return hit
+
+    def linear(self, x: torch.Tensor, weight: ir.Tensor, bias: ir.Tensor | None = None):
+        """x @ weight.T (+ bias), with x rounded as the runtime's kernel for `weight` would."""
+        if self._input_fn is not None:
+            x = self._input_fn(weight, x)
+        return F.linear(x, self.w(weight), self.w(bias))
+
+    def mlp(self, x: torch.Tensor, mlp: ir.Expert, gate=None, up=None, down=None):
+        """SwiGLU; `gate/up/down` override the weights (slices of stacked experts)."""
+        fn = self._input_fn or (lambda t, z: z)
+        xg = fn(mlp.gate, x)
+        h = F.silu(xg @ (self.w(mlp.gate) if gate is None else gate).T) * (
+            fn(mlp.up, x) @ (self.w(mlp.up) if up is None else up).T)
+        return fn(mlp.down, h) @ (self.w(mlp.down) if down is None else down).T
+
+    def experts_stacked(self, moe: ir.MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E, F, D) gate, (E, F, D) up, (E, D, F) down, built once per MoE node."""
+        key = id(moe)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = tuple(torch.stack([self.w(getattr(ex, name)) for ex in moe.experts])
+                        for name in ("gate", "up", "down"))
+            self._cache[key] = hit
+        return hit
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T); `attention_mask` marks real tokens (1)."""
+        h, mask, positions = self.embed(ids, attention_mask)
+        for block in self.model.blocks:
+            h = self.block_forward(block, h, mask, positions)
+        return self.head(h)
+
+    def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        ids = torch.as_tensor(ids, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        b, t = ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=self.device)
+        attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        return F.embedding(ids, self.w(self.model.embed)), mask, positions
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(rms_norm(h, self.w(self.model.final_norm), self.model.norm_eps),
+                           self.model.lm_head)
+
+    def block_forward(self, block: ir.Block, h, mask, positions):
+        eps = self.model.norm_eps
+        h = h + self.attention(block.attn, rms_norm(h, self.w(block.attn_norm), eps), mask, positions)
+        x = rms_norm(h, self.w(block.ffn_norm), eps)
+        if isinstance(block.ffn, ir.MoE):
+            return h + self.moe(block.ffn, x)
+        return h + self.mlp(x, block.ffn.mlp)
+
+    def attention(self, a: ir.Attention, x, mask, positions):
+        b, t, _ = x.shape
+        w = self.w
+        q = self.linear(x, a.q, a.q_bias)
+        k = self.linear(x, a.k, a.k_bias)
+        v = self.linear(x, a.v, a.v_bias)
+        eps = self.model.norm_eps
+        if a.qk_norm == "full":
+            q, k = rms_norm(q, w(a.q_norm), eps), rms_norm(k, w(a.k_norm), eps)
+        if a.clip_qkv is not None:
+            q, k, v = (z.clamp(-a.clip_qkv, a.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, a.n_heads, a.head_dim)
+        k = k.view(b, t, a.n_kv_heads, a.head_dim)
+        v = v.view(b, t, a.n_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q, k = rms_norm(q, w(a.q_norm), eps), rms_norm(k, w(a.k_norm), eps)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        cos, sin = rope_tables(positions, self.model.rope, self.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = a.n_heads // a.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * a.head_dim ** -0.5
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.softmax(scores, dim=-1) @ v
+        out = out.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)
+        return self.linear(out, a.o)
+
+    def route(self, moe: ir.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids and their weights for tokens x (N, D)."""
+        probs = torch.softmax(self.linear(x, moe.router.weight), dim=-1)
+        weights, idx = torch.topk(probs, moe.top_k, dim=-1)
+        if moe.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return idx, weights
+
+    def moe(self, moe: ir.MoE, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx, weights = self.route(moe, x)
+        gate, up, down = self.experts_stacked(moe)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            y = self.mlp(x[rows], moe.experts[e], gate[e], up[e], down[e])
+            out.index_add_(0, rows, y * weights[rows, slot, None])
+        if moe.shared is not None:
+            s = moe.shared
+            y = self.mlp(x, s.mlp)
+            if s.gate is not None:
+                y = y * torch.sigmoid(self.linear(x, s.gate))
+            out = out + y
+        return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_tables(positions: torch.Tensor, rope: ir.Rope, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rope.dim, 2, dtype=torch.int64,
+                                                  device=device).float() / rope.dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]  # (B, 1, T, dim)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

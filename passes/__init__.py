@@ -1,0 +1,1 @@
+"""Passes: functions IR -> IR (plus a report), one file per idea; none touches a file format."""

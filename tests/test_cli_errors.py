@@ -1,0 +1,130 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "moecompile.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def assert_refused(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moecompile: error:"), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def outputs_in(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def test_missing_config(tiny_model, tmp_path, out_dir):
+    folder = copy_model(tiny_model("mixtral"), tmp_path / "m")
+    (folder / "config.json").unlink()
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), "config.json not found")
+    assert outputs_in(out_dir) == []
+
+
+def test_unknown_architecture(tiny_model, tmp_path, out_dir):
+    folder = copy_model(tiny_model("mixtral"), tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=["FancyNewMoeForCausalLM"], model_type="fancy")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli(folder, "-o", out_dir / "x.gguf")
+    assert_refused(proc, "unsupported architecture FancyNewMoeForCausalLM",
+                   "MixtralForCausalLM", "OlmoeForCausalLM")
+    assert outputs_in(out_dir) == []
+
+
+def test_dense_model(tmp_path, out_dir, tokenizer_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    assert_refused(run_cli(tmp_path / "dense", "-o", out_dir / "x.gguf"), "dense (non-MoE)")
+    assert outputs_in(out_dir) == []
+
+
+def test_truncated_safetensors(tiny_model, tmp_path, out_dir):
+    folder = copy_model(tiny_model("olmoe"), tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), "truncated safetensors file")
+    assert outputs_in(out_dir) == []
+
+
+def test_tensor_missing_from_checkpoint(tiny_model, tmp_path, out_dir):
+    folder = copy_model(tiny_model("olmoe"), tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"),
+                   "model.layers.1.self_attn.k_proj.weight", "missing")
+    assert outputs_in(out_dir) == []
+
+
+def test_index_names_a_tensor_no_shard_has(tiny_model, tmp_path, out_dir):
+    folder = copy_model(tiny_model("qwen2_moe", dtype=torch.bfloat16, max_shard_size="200KB"),
+                        tmp_path / "m")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = next(iter(index["weight_map"].values()))
+    index["weight_map"]["model.layers.0.mlp.experts.99.up_proj.weight"] = shard
+    index_file.write_text(json.dumps(index))
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"),
+                   "model.layers.0.mlp.experts.99.up_proj.weight", "in no shard")
+    assert outputs_in(out_dir) == []
+
+
+def test_pickled_checkpoint_is_refused(tiny_model, tmp_path, out_dir):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_model("mixtral") / "config.json", folder)
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), "pickled", "safetensors")
+    assert outputs_in(out_dir) == []
+
+
+def test_unwritable_output(tiny_model, tmp_path):
+    folder = tiny_model("mixtral")
+    assert_refused(run_cli(folder, "-o", tmp_path / "no" / "such" / "dir" / "x.gguf"),
+                   "does not exist")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_refused(run_cli(folder, "-o", blocker / "x.gguf"), "not a folder")
+    assert outputs_in(tmp_path) == ["a-file"]
+
+
+def test_output_write_error_leaves_nothing(tiny_model, tmp_path):
+    """An OS error while writing (here: output name too long) is reported and cleaned up."""
+    proc = run_cli(tiny_model("mixtral"), "-o", tmp_path / ("x" * 300 + ".gguf"), "--no-verify")
+    assert_refused(proc, "File name too long")
+    assert outputs_in(tmp_path) == []
+
+
+def test_model_is_not_a_folder(tmp_path):
+    assert_refused(run_cli(tmp_path / "nope", "-o", tmp_path / "x.gguf"), "not a directory")

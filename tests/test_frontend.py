@@ -1,0 +1,55 @@
+"""Frontend: lazy reading, both expert layouts, IR printing and verification."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from builders import ARCHS
+from moecompile import frontend, ir
+from moecompile.cli import main
+
+
+def test_load_reads_no_tensor_data(tiny_model):
+    model = frontend.load(tiny_model("mixtral"))
+    source = model.embed.recipe.source
+    assert source._handles == {}, "building the IR must not open tensor data"
+    model.blocks[0].ffn.experts[3].down.value()
+    assert len(source._handles) == 1
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_fused_and_classic_layouts_give_the_same_experts(tiny_model, arch):
+    classic = frontend.load(tiny_model(arch))
+    fused = frontend.load(tiny_model(arch, fused_experts=True))
+    assert "gate_up_proj" in fused.blocks[0].ffn.experts[0].gate.recipe.describe()
+    for bc, bf in zip(classic.blocks, fused.blocks):
+        for ec, ef in zip(bc.ffn.experts, bf.ffn.experts):
+            for name in ("gate", "up", "down"):
+                assert torch.equal(getattr(ec, name).value(), getattr(ef, name).value())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ir_structure_mirrors_the_family(tiny_model, arch):
+    model = frontend.load(tiny_model(arch))
+    moe = model.blocks[0].ffn
+    assert isinstance(moe, ir.MoE) and moe.n_experts >= 4 and moe.top_k == 2
+    assert (moe.shared is not None) == (arch == "qwen2_moe")
+    assert model.blocks[0].attn.qk_norm == {"qwen3_moe": "head", "olmoe": "full"}.get(arch, "none")
+    assert moe.norm_topk == (arch in ("mixtral", "qwen3_moe"))
+
+
+def test_verifier_names_the_broken_invariant(tiny_model):
+    model = frontend.load(tiny_model("mixtral"))
+    block = model.blocks[1]
+    bad = dataclasses.replace(block, ffn=dataclasses.replace(block.ffn, top_k=99))
+    with pytest.raises(ir.IRError, match="block 1: top_k 99 outside 1..8"):
+        ir.verify(dataclasses.replace(model, blocks=(model.blocks[0], bad)))
+
+
+def test_print_ir(tiny_model, capsys):
+    assert main([str(tiny_model("qwen2_moe")), "--print-ir"]) == 0
+    out = capsys.readouterr().out
+    assert "model qwen2_moe" in out
+    assert "moe experts=" in out and "top_k=2" in out and "shared" in out
+    assert out.count("block ") == 2
