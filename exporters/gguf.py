@@ -64,28 +64,42 @@ class PlannedTensor:
         return n // block * size
 
     def pieces(self) -> Iterator[np.ndarray]:
-        """The tensor's data in writing order, one expert (or the whole tensor) at a time."""
+        """The tensor's bytes in writing order: expert by expert, and within a part in chunks
+        of rows (every GGUF type quantizes row-wise), so conversion temporaries stay small."""
         for part in self.parts:
-            value = part.value().to(torch.float32)
+            value = part.value()
             if self.transform is not None:
                 value = self.transform(value)
-            yield encode(value.numpy(), self.qtype)
+            rows = value.reshape(-1, value.shape[-1])
+            step = max(1, CHUNK_ELEMENTS // rows.shape[-1])
+            for start in range(0, rows.shape[0], step):
+                yield encode(rows[start:start + step], self.qtype)
 
 
-def encode(array: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 → the bytes of `qtype` as llama.cpp reads them (gguf-py's reference encoders)."""
+CHUNK_ELEMENTS = 1 << 22  # elements converted at a time (16 MiB as float32)
+
+
+def encode(value: torch.Tensor, qtype: Q) -> np.ndarray:
+    """Values → the bytes of `qtype` as llama.cpp reads them (gguf-py's reference encoders).
+    A source already in the target's 16-bit type is passed through bit for bit."""
+    if qtype == Q.BF16 and value.dtype == torch.bfloat16:
+        return value.contiguous().view(torch.int16).numpy().view(np.uint8)
+    if qtype == Q.F16 and value.dtype == torch.float16:
+        return value.contiguous().numpy()
+    array = value.to(torch.float32).contiguous().numpy()
     if qtype == Q.F32:
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return array
     if qtype == Q.F16:
         return array.astype(np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+    return gguf.quants.quantize(array, qtype)
 
 
 def roundtrip(array: np.ndarray, qtype: Q) -> np.ndarray:
     """The float32 values llama.cpp will see after storing `array` as `qtype`."""
     if qtype == Q.F32:
         return np.asarray(array, dtype=np.float32)
-    return gguf.quants.dequantize(encode(array, qtype), qtype).reshape(array.shape)
+    encoded = encode(torch.from_numpy(np.ascontiguousarray(array)), qtype)
+    return gguf.quants.dequantize(encoded, qtype).reshape(array.shape)
 
 
 class _StreamedTensor:

@@ -10,7 +10,7 @@ with its pieces, scores and types.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moecompile import ir
@@ -34,6 +34,8 @@ class Vocab:
     types: list[int]
     merges: list[str]
     scores: list[float] | None
+    add_space_prefix: bool | None = None
+    specials: dict[str, int] = field(default_factory=dict)  # ids the tokenizer file defines
 
 
 def read_vocab(tok: ir.Tokenizer | None, n_vocab: int) -> Vocab:
@@ -116,11 +118,20 @@ def _bpe_vocab(file: Path, n_vocab: int) -> Vocab:
 
 
 def _sentencepiece_vocab(file: Path, n_vocab: int) -> Vocab:
-    try:
-        import sentencepiece  # noqa: F401  (optional: only SentencePiece models need it)
-    except ImportError:
-        raise UserError(f"{file}: reading a SentencePiece tokenizer.model needs the "
-                        "'sentencepiece' package (pip install sentencepiece)") from None
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(file.read_bytes())
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        raise UserError(f"{file}: only BPE SentencePiece models are supported (llama.cpp's "
+                        "'llama' tokenizer merges by score; a unigram model would tokenize "
+                        "differently)")
+    norm = proto.normalizer_spec
+    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+        raise UserError(f"{file}: SentencePiece normalizer '{norm.name}' (remove_extra_whitespaces="
+                        f"{norm.remove_extra_whitespaces}) is not applied by llama.cpp, which "
+                        "would tokenize differently")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(file))
     tokens, types, scores = {}, {}, {}
     for i in range(sp.vocab_size()):
@@ -130,7 +141,10 @@ def _sentencepiece_vocab(file: Path, n_vocab: int) -> Vocab:
                     else UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
     token_list, type_list = _pad(tokens, types, n_vocab, file)
     score_list = [scores.get(i, -1000.0) for i in range(n_vocab)]
-    return Vocab("llama", None, token_list, type_list, [], score_list)
+    specials = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return Vocab("llama", None, token_list, type_list, [], score_list,
+                 add_space_prefix=proto.normalizer_spec.add_dummy_prefix,
+                 specials={k: v for k, v in specials.items() if v >= 0})
 
 
 def add_to_writer(writer, vocab: Vocab, tok: ir.Tokenizer | None, arch: str, n_vocab: int) -> None:
@@ -147,8 +161,12 @@ def add_to_writer(writer, vocab: Vocab, tok: ir.Tokenizer | None, arch: str, n_v
         writer.add_token_merges(vocab.merges)
     if vocab.scores is not None:
         writer.add_token_scores(vocab.scores)
-    for setter, value in ((writer.add_bos_token_id, tok.bos_id), (writer.add_eos_token_id, tok.eos_id),
-                          (writer.add_pad_token_id, tok.pad_id)):
-        if value is not None:
-            setter(int(value))
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    ids = {**vocab.specials, **{k: v for k, v in (("bos", tok.bos_id), ("eos", tok.eos_id),
+                                                   ("pad", tok.pad_id)) if v is not None}}
+    setters = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
+               "pad": writer.add_pad_token_id, "unk": writer.add_unk_token_id}
+    for name, value in ids.items():
+        setters[name](int(value))
     writer.add_add_bos_token(bool(tok.add_bos))

@@ -125,6 +125,25 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
     return out_dir
 
 
+def train_sentencepiece(out_file: Path, vocab_size: int = 400) -> Path:
+    """A SentencePiece BPE ``tokenizer.model`` configured like Llama's and Mistral's (byte
+    fallback, identity normalizer, whitespace kept, digits split), trained on the same stdlib
+    corpus. Returns out_file."""
+    import io
+
+    import sentencepiece
+
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for text in _corpus() for line in text.splitlines() if line),
+        model_writer=buffer, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama's
+        split_digits=True, allow_whitespace_only_pieces=True)
+    out_file.write_bytes(buffer.getvalue())
+    return out_file
+
+
 def _vocab_size(tokenizer_dir: Path) -> int:
     """Number of ids the tokenizer can emit, special tokens included."""
     return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)

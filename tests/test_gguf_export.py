@@ -1,6 +1,7 @@
 """End to end: checkpoint → moecompile → GGUF → real llama.cpp, compared with transformers."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -129,19 +130,42 @@ TOKENIZE = textwrap.dedent("""
 """)
 
 
-def test_tokenizer_round_trip_matches_tokenizers(tiny_model, tmp_path):
+TEXTS = ["def f(x):\n    return x + 1\n", "  leading spaces and  double", "digits 1234567 3.14",
+         "unicode: café, naïve, 日本語, emoji 🙂", "it's we'll they've", "\n\n\ttabs\r\n"]
+
+
+def llama_tokenize(gguf_file, texts):
+    """(ids, detokenized text) per text from llama.cpp's own tokenizer, in a subprocess."""
+    proc = subprocess.run([sys.executable, "-c", TOKENIZE, str(gguf_file), json.dumps(texts)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_bpe_tokenizer_round_trip_matches_tokenizers(tiny_model, tmp_path):
     from tokenizers import Tokenizer
 
     folder = tiny_model("olmoe")
     out = tmp_path / "tok.gguf"
     assert main([str(folder), "-o", str(out), "--quiet", "--no-verify"]) == 0
-    texts = ["def f(x):\n    return x + 1\n", "  leading spaces and  double", "digits 1234567 3.14",
-             "unicode: café, naïve, 日本語, emoji 🙂", "it's we'll they've", "<|endoftext|>tail",
-             "\n\n\ttabs\r\n"]
-    proc = subprocess.run([sys.executable, "-c", TOKENIZE, str(out), json.dumps(texts)],
-                          capture_output=True, text=True, check=True)
-    ours = json.loads(proc.stdout)
+    texts = TEXTS + ["<|endoftext|>tail"]
     reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    for text, (ids, back) in zip(texts, ours):
+    for text, (ids, back) in zip(texts, llama_tokenize(out, texts)):
         assert ids == reference.encode(text, add_special_tokens=False).ids, text
         assert back == text
+
+
+def test_sentencepiece_tokenizer_matches_sentencepiece(tiny_model, tmp_path):
+    import sentencepiece
+
+    from builders import train_sentencepiece
+
+    folder = tmp_path / "spm-model"
+    shutil.copytree(tiny_model("mixtral"), folder)
+    spm = train_sentencepiece(folder / "tokenizer.model")  # preferred over tokenizer.json
+    out = tmp_path / "spm.gguf"
+    assert main([str(folder), "-o", str(out), "--quiet", "--no-verify"]) == 0
+    assert GGUFReader(out).get_field("tokenizer.ggml.model").contents() == "llama"
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(spm))
+    for text, (ids, back) in zip(TEXTS, llama_tokenize(out, TEXTS)):
+        assert ids == reference.encode(text), text
+        assert back.lstrip(" ") == reference.decode(ids).lstrip(" ")
