@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face checkpoint folder (config.json + safetensors)")
     p.add_argument("--target", choices=["gguf", "onnx"], default="gguf")
     p.add_argument("-o", "--output", help="output file, or a folder (ending in /) to write into")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
-                   help="weight type of the export (default f16); routers and norms stay F32")
+    p.add_argument("--dtype", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
+                   help="weight type of the export; auto (default) keeps a bf16 source in bf16 "
+                        "and writes f16 otherwise. Routers and norms stay F32")
     p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the export in its runtime against the reference")
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="moecompile: %(message)s", stream=sys.stderr)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temp file
     try:
         return run(args)
     except UserError as exc:
@@ -86,17 +88,25 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no output given: use -o OUT.gguf (or --print-ir to inspect the model)")
     if args.target != "gguf":
         raise UserError(f"target '{args.target}' is not implemented yet (available: gguf)")
-    out = resolve_output(args.output, model.source, args.dtype)
-    result = compile_gguf(model, out, dtype=args.dtype, verify=not args.no_verify,
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(model)
+    out = resolve_output(args.output, model.source, dtype)
+    result = compile_gguf(model, out, dtype=dtype, verify=not args.no_verify,
                           device=args.device, progress=not args.quiet)
     print(result.summary())
     return 0 if result.passed else 1
+
+
+def auto_dtype(model) -> str:
+    """bf16 for a bf16 checkpoint (lossless), f16 otherwise — as llama.cpp's converter does."""
+    return "bf16" if model.blocks[0].ffn_norm.dtype == "bf16" or model.embed.dtype == "bf16" else "f16"
 
 
 def resolve_output(output: str, source: str, dtype: str) -> Path:
     """OUT.gguf as given, or DIR/<model>-<dtype>.gguf for a folder; check it can be written."""
     out = Path(output)
     if output.endswith(("/", "\\")) or out.is_dir():
+        if not out.exists() and out.parent.is_dir():
+            out.mkdir()  # `-o out/` names a folder to write into: create one level, like cp
         out = out / f"{Path(source).name}-{dtype}.gguf"
     if out.suffix != ".gguf":
         raise UserError(f"{out}: output for --target gguf must end in .gguf")

@@ -23,7 +23,7 @@ from . import ir
 from .errors import VerificationError
 from .runtime import ReferenceExecutor
 
-N_TOKENS = 64
+N_TOKENS = 128
 
 
 @dataclass

@@ -128,3 +128,38 @@ def test_output_write_error_leaves_nothing(tiny_model, tmp_path):
 
 def test_model_is_not_a_folder(tmp_path):
     assert_refused(run_cli(tmp_path / "nope", "-o", tmp_path / "x.gguf"), "not a directory")
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["export", "verify"])
+def test_ctrl_c_leaves_no_debris(tiny_model, tmp_path, monkeypatch, capsys, where):
+    from moecompile import compile as compile_module
+    from moecompile.cli import main
+    from moecompile.exporters import gguf as gguf_export
+
+    if where == "export":  # interrupted after the first chunk of tensor data was written
+        original = gguf_export.PlannedTensor.pieces
+
+        def pieces_then_interrupt(self):
+            yield from original(self)
+            if self.name.startswith("blk.0.ffn"):
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(gguf_export.PlannedTensor, "pieces", pieces_then_interrupt)
+    else:
+        monkeypatch.setattr(compile_module, "verify_gguf", _interrupt)
+    assert main([str(tiny_model("mixtral")), "-o", str(tmp_path / "x.gguf"), "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert outputs_in(tmp_path) == []
+
+
+def test_output_folder_is_created_and_named_after_the_model(tiny_model, tmp_path):
+    from moecompile.cli import main
+
+    folder = tiny_model("olmoe")
+    assert main([str(folder), "-o", f"{tmp_path / 'out'}/", "--quiet", "--dtype", "q8_0"]) == 0
+    assert outputs_in(tmp_path / "out") == [f"{folder.name}-q8_0.gguf",
+                                            f"{folder.name}-q8_0.report.json"]

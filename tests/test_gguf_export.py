@@ -17,6 +17,7 @@ from moecompile import frontend
 from moecompile.cli import main
 from moecompile.compile import compile_gguf
 from moecompile.exporters import gguf as gguf_export
+from moecompile.runtime import ReferenceExecutor
 from moecompile.verify import fixed_tokens, run_llama_cpp
 
 
@@ -169,3 +170,18 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tiny_model, tmp_path):
     for text, (ids, back) in zip(TEXTS, llama_tokenize(out, TEXTS)):
         assert ids == reference.encode(text), text
         assert back.lstrip(" ") == reference.decode(ids).lstrip(" ")
+
+
+def test_dense_layers_run_in_the_reference_but_are_refused_for_gguf(tiny_model, tmp_path, capsys):
+    """Qwen's mlp_only_layers mixes dense layers in; llama.cpp's qwen3moe graph cannot."""
+    from test_runtime import hf_logits, random_ids
+
+    folder = tiny_model("qwen3_moe", mlp_only_layers=[1])
+    model = frontend.load(folder)
+    assert type(model.blocks[1].ffn).__name__ == "Dense"
+    ids = random_ids(model.vocab, (1, 12))
+    ours = ReferenceExecutor(model, "cpu").logits(ids)
+    assert (ours - hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    assert main([str(folder), "-o", str(tmp_path / "d.gguf"), "--quiet"]) == 2
+    assert "layer(s) [1] are dense" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
