@@ -174,6 +174,8 @@ def check_exportable(model: ir.Model) -> str:
                             "so grouped-query attention (kv heads < heads) cannot be exported")
         if arch == "llama" and model.rope.dim != a.head_dim:
             raise UserError("llama arch needs rope dimension == head_dim")
+        if arch == "qwen2moe" and None in (a.q_bias, a.k_bias, a.v_bias):
+            raise UserError(f"layer {i}: llama.cpp's qwen2moe (older builds) requires q/k/v biases")
     return arch
 
 
@@ -191,9 +193,8 @@ def _permute_rows(n_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return permute
 
 
-def plan(model: ir.Model, dtype: str) -> list[PlannedTensor]:
+def plan(model: ir.Model, dtype: str, arch: str) -> list[PlannedTensor]:
     """Every GGUF tensor in writing order, with its type — computed from shapes alone."""
-    arch = check_exportable(model)
     out: list[PlannedTensor] = []
 
     def add(name: str, t: ir.Tensor | list[ir.Tensor], transform=None):
@@ -230,15 +231,7 @@ def plan(model: ir.Model, dtype: str) -> list[PlannedTensor]:
             add(p + "ffn_down_shexp.weight", f.shared.mlp.down)
     add("output_norm.weight", model.final_norm)
     add("output.weight", model.lm_head)  # always written: qwen2moe/olmoe have no tied fallback
-    if arch == "qwen2moe":
-        _check_qwen2moe_biases(model)
     return out
-
-
-def _check_qwen2moe_biases(model: ir.Model) -> None:
-    for i, b in enumerate(model.blocks):
-        if b.attn.q_bias is None or b.attn.k_bias is None or b.attn.v_bias is None:
-            raise UserError(f"layer {i}: qwen2moe in older llama.cpp builds requires q/k/v biases")
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -294,7 +287,7 @@ def export(model: ir.Model, path: Path, dtype: str = "f32", progress: bool = Tru
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     arch = check_exportable(model)
-    planned = plan(model, dtype)
+    planned = plan(model, dtype, arch)
     vocab = gguf_vocab.read_vocab(model.tokenizer, model.vocab)
     writer = gguf.GGUFWriter(str(path), arch)
     try:
