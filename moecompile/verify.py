@@ -1,8 +1,8 @@
 """Verification: run an exported file in its real runtime and compare with the reference executor.
 
 The reference is run on the *same numerics* the file holds: every weight is rounded to the type
-it was stored in (F16, BF16, Q8_0 …) before the reference forward pass, so a quantized export is
-judged against what it should compute, not against the float model. Agreement with the float
+it was stored in (F16, BF16, Q8_0 …), and every matmul input the way the runtime's kernels round
+it, so a quantized export is judged against what it should compute, not against the float model. Agreement with the float
 model is reported too, as information about what the rounding cost.
 """
 
