@@ -15,7 +15,8 @@ Fairness:
 * moecompile runs with `--no-verify --quiet`, because llama.cpp's converter does not verify its
   output either; verification (loading the file in llama.cpp) is a separate cost.
 * Runs are interleaved (moecompile, reference, moecompile, ...) so drift in page cache, disk or
-  CPU clock affects both tools alike. The first run of each may read the checkpoint from disk.
+  CPU clock affects both tools alike, and `os.sync()` runs before each one so the previous run's
+  2 GB of dirty output is not written back during the next run's timing.
 * Each output is checked afterwards (exists, loads with `gguf.GGUFReader`, tensor count) and its
   size is printed, so a tool cannot look fast by writing less.
 
@@ -237,6 +238,7 @@ def run_all(model: Path, wrapper: Path, work: Path, repeat: int) -> list[Run]:
             for tool in TOOLS:
                 out = output_path(outdir, tool, target)
                 out.unlink(missing_ok=True)  # every run writes a fresh file
+                os.sync()  # flush the last run's output now, not during this run's timing
                 argv, env = command(tool, target, model, out, wrapper)
                 log(f"[{target} {rep}/{repeat}] {tool} ...")
                 wall, rss = measure(argv, env, logs / f"{tool}-{target}-{rep}.log")
@@ -314,8 +316,8 @@ def summarize(runs: list[Run], outdir: Path) -> list[Summary]:
                 peak_rss_gib=statistics.median(r.peak_rss_kib for r in mine) / 2**20,
                 output_gib=path.stat().st_size / GIB,
                 tensors=counts[str(path)],
-                wall_runs=[round(r.wall_s, 2) for r in mine],
-                rss_runs_gib=[round(r.peak_rss_kib / 2**20, 3) for r in mine]))
+                wall_runs=[r.wall_s for r in mine],
+                rss_runs_gib=[r.peak_rss_kib / 2**20 for r in mine]))
     return out
 
 
