@@ -1,0 +1,137 @@
+"""One interface over the runtimes a compiled model can live in, for measuring it.
+
+A Hugging Face folder runs in transformers (the model as its authors define it); a `.gguf`
+runs in llama.cpp through llama-cpp-python, with its own tokenizer, exactly as a user would run
+it. Both give: tokenization, full-sequence logits and greedy completion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+class Backend:
+    name: str
+    vocab: int
+    context: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """float32 logits (len, vocab) for each sequence; row t predicts token t+1."""
+        raise NotImplementedError
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        """Greedy continuations (at most max_new tokens each, stopping at end-of-sequence)."""
+        raise NotImplementedError
+
+
+class HFBackend(Backend):
+    def __init__(self, folder: Path, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = str(folder)
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        self.model.eval()
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.vocab = self.model.config.vocab_size
+        self.context = self.model.config.max_position_embeddings
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.eos or 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _padded(self, batch: list[list[int]]):
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, seq in enumerate(batch):  # left padding, so every sequence ends at the last column
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
+        ids, mask = self._padded(batch)
+        out = self.model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()
+        return [out[i, out.shape[1] - len(seq):] for i, seq in enumerate(batch)]
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        ids, mask = self._padded(prompts)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                  do_sample=False, pad_token_id=self.pad, eos_token_id=self.eos)
+        return [_until_eos(row[ids.shape[1]:].tolist(), self.eos) for row in out]
+
+
+class GGUFBackend(Backend):
+    def __init__(self, file: Path, n_ctx: int = 1024):
+        from llama_cpp import Llama
+
+        self.name = str(file)
+        self.llm = Llama(model_path=str(file), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                         verbose=False, type_k=0, type_v=0, seed=0)
+        self.vocab = self.llm.n_vocab()
+        self.context = n_ctx
+        self.eos = self.llm.token_eos()
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
+        return [self._run(seq) for seq in batch]
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            self.llm.reset()
+            self.llm.eval(prompt)
+            new: list[int] = []
+            for _ in range(max_new):
+                token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+                if token == self.eos:
+                    break
+                new.append(token)
+                self.llm.eval([token])
+            out.append(new)
+        return out
+
+
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+
+
+def open_backend(path: str | Path, device: str = "cpu") -> Backend:
+    """A backend for a HF checkpoint folder or a .gguf file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+        return HFBackend(path, device)
+    if path.suffix == ".gguf" and path.is_file():
+        return GGUFBackend(path)
+    if path.suffix == ".onnx":
+        raise UserError(f"{path}: ONNX evaluation is not available yet")
+    raise UserError(f"{path}: expected a Hugging Face folder or a .gguf file")

@@ -1,0 +1,46 @@
+"""tools/eval.py: accuracy, perplexity and divergence through the real runtimes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moecompile.cli import main as compile_main
+from moecompile.evaluation import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "moe-tiny"
+
+
+def test_model_against_itself_has_zero_kl(tiny_model):
+    folder = str(tiny_model("olmoe"))
+    result = evaluate(folder, base=folder, tasks=["add"], n=4, ppl=True, progress=False)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert result["top1_agreement"] == 1.0
+    assert result["tasks"]["add"]["n"] == 4 and result["perplexity"] > 1.0
+
+
+def test_f32_gguf_against_its_source_is_near_zero_kl(tiny_model, tmp_path):
+    folder = tiny_model("qwen3_moe")
+    out = tmp_path / "m.gguf"
+    assert compile_main([str(folder), "-o", str(out), "--dtype", "f32", "--quiet"]) == 0
+    result = evaluate(str(out), base=str(folder), tasks=["sort"], n=4, progress=False)
+    assert result["kl"] < 1e-6 and result["top1_agreement"] == 1.0
+
+
+def test_cli_json_and_bad_input(tiny_model, tmp_path):
+    folder = tiny_model("mixtral")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(folder),
+                           "--tasks", "add,rev", "--n", "3", "--json", str(out), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert set(data["tasks"]) == {"add", "rev"} and data["tasks"]["add"]["n"] == 3
+    assert "| add |" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), str(folder),
+                          "--tasks", "add,juggling"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown task(s) juggling" in bad.stderr
+    assert "Traceback" not in bad.stderr
