@@ -2,8 +2,9 @@
 
 The reference is run on the *same numerics* the file holds: every weight is rounded to the type
 it was stored in (F16, BF16, Q8_0 …), and every matmul input the way the runtime's kernels round
-it, so a quantized export is judged against what it should compute, not against the float model. Agreement with the float
-model is reported too, as information about what the rounding cost.
+it, so a quantized export is judged against what it should compute, not against the float
+model. Agreement with the float model is reported too, as information about what the rounding
+cost.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..runtime.llama_worker import open_llama, sequence_logits
 
 
 class Backend:
@@ -80,11 +81,8 @@ class HFBackend(Backend):
 
 class GGUFBackend(Backend):
     def __init__(self, file: Path, n_ctx: int = 1024):
-        from llama_cpp import Llama
-
         self.name = str(file)
-        self.llm = Llama(model_path=str(file), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                         verbose=False, type_k=0, type_v=0, seed=0)
+        self.llm = open_llama(str(file), n_ctx)
         self.vocab = self.llm.n_vocab()
         self.context = n_ctx
         self.eos = self.llm.token_eos()
@@ -95,13 +93,8 @@ class GGUFBackend(Backend):
     def decode(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
-    def _run(self, ids: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-
     def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
-        return [self._run(seq) for seq in batch]
+        return [sequence_logits(self.llm, seq) for seq in batch]
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         out = []

@@ -16,15 +16,24 @@ import sys
 import numpy as np
 
 
-def run(model_path: str, ids: list[int], n_gpu_layers: int = 0) -> np.ndarray:
+def open_llama(model_path: str, n_ctx: int, n_gpu_layers: int = 0):
+    """A llama.cpp context for measuring: every position's logits, F32 KV cache."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model_path, n_ctx=max(len(ids), 8), n_batch=max(len(ids), 8),
-                n_ubatch=max(len(ids), 8), logits_all=True, verbose=False, type_k=0, type_v=0,
-                n_gpu_layers=n_gpu_layers, seed=0)
+    return Llama(model_path=model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                 logits_all=True, verbose=False, type_k=0, type_v=0,
+                 n_gpu_layers=n_gpu_layers, seed=0)
+
+
+def sequence_logits(llm, ids: list[int]) -> np.ndarray:
+    """float32 logits (len(ids), vocab) of one sequence evaluated from an empty cache."""
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def run(model_path: str, ids: list[int], n_gpu_layers: int = 0) -> np.ndarray:
+    return sequence_logits(open_llama(model_path, max(len(ids), 8), n_gpu_layers), ids)
 
 
 def main(argv: list[str]) -> int:
