@@ -160,6 +160,10 @@ def check_exportable(model: ir.Model) -> str:
                 "logits, so it is refused")
         if f.scoring != "softmax":
             raise UserError(f"layer {i}: '{f.scoring}' routing is not expressible in {arch}")
+        if f.router_map is not None:
+            raise UserError(f"layer {i}: the router maps expert probabilities through a "
+                            f"continuous matrix (EEP's exact router), which llama.cpp's {arch} "
+                            "graph cannot compute; prune for GGUF with a one-hot router")
         if (f.shared is not None) != shared or (shared and f.shared.gate is None):
             raise UserError(f"layer {i}: llama.cpp's {arch} graph "
                             f"{'needs a sigmoid-gated' if shared else 'has no'} shared expert")

@@ -30,6 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight type of the export; auto (default) keeps a bf16 source in bf16 "
                         "and writes f16 otherwise. Routers and norms stay F32")
     p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
+    prune = p.add_argument_group("expert pruning")
+    prune.add_argument("--experts", type=int, metavar="N",
+                       help="keep N experts in every MoE layer (needs --calib)")
+    prune.add_argument("--prune-method", default="eep",
+                       choices=["eep", "frequency", "mass", "random", "reconstruct"],
+                       help="eep (default): evolutionary search over kept and merged experts; "
+                            "or a baseline")
+    prune.add_argument("--calib", metavar="TASKS|FILE",
+                       help="calibration data: suite task names (add,sort or all), a .jsonl of "
+                            "prompt/answer pairs (fitness: exact match) or a .txt (fitness: "
+                            "agreement with the original model)")
+    prune.add_argument("--calib-n", type=int, default=32, metavar="N",
+                       help="examples per task, lines of a .jsonl or chunks of a .txt (32)")
+    prune.add_argument("--search-budget", metavar="EVALS|TIME",
+                       help="EEP search length: evaluations (default 400) or a time (90s, 5m)")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the search and of random")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the export in its runtime against the reference")
     p.add_argument("--device", default=None, help="torch device of the reference executor "
@@ -79,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
     from .compile import compile_gguf
     from .ir import format_ir
 
+    prune_budget = _check_prune_args(args)
     model = frontend.load(args.model)
+    if args.experts is not None:
+        model = _prune(model, args, prune_budget)
     if args.print_ir:
         print(format_ir(model))
         if not args.output:
@@ -94,6 +113,43 @@ def run(args: argparse.Namespace) -> int:
                           device=args.device, progress=not args.quiet)
     print(result.summary())
     return 0 if result.passed else 1
+
+
+def _check_prune_args(args) -> tuple[int, float | None] | None:
+    """Validate the pruning flags before any model is read."""
+    from .passes.prune import parse_search_budget
+
+    if args.experts is None:
+        if args.calib or args.search_budget:
+            raise UserError("--calib/--search-budget only apply with --experts N")
+        return None
+    if not args.calib:
+        raise UserError("--experts needs calibration data: --calib TASKS (e.g. add,sort or all), "
+                        "--calib FILE.jsonl or --calib FILE.txt")
+    if args.calib_n < 1:
+        raise UserError(f"--calib-n {args.calib_n}: must be at least 1")
+    return parse_search_budget(args.search_budget)
+
+
+def _prune(model, args, budget: tuple[int, float | None]):
+    from .passes.eep import EEPConfig
+    from .passes.prune import prune_experts
+    from .runtime.executor import default_device
+
+    evaluations, seconds = budget
+    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=args.seed)
+    model, report = prune_experts(
+        model, args.experts, args.prune_method, args.calib, calib_n=args.calib_n,
+        seed=args.seed, config=config, exact_router=False,
+        device=args.device or default_device(), progress=not args.quiet)
+    line = (f"pruned to {args.experts} of {report['experts_before']} experts per layer by "
+            f"{args.prune_method}: calibration fitness {report['fitness']:.4f} "
+            f"(unpruned {report['fitness_unpruned']:.4f}")
+    if "baseline_fitness" in report:
+        best = max(report["baseline_fitness"].items(), key=lambda kv: kv[1])
+        line += f"; best baseline {best[0]} {best[1]:.4f}"
+    print(line + f"; {report['seconds']:.0f} s)")
+    return model
 
 
 def auto_dtype(model) -> str:

@@ -87,6 +87,55 @@ class Stack(Recipe):
         return f"stack({len(self.parts)})"
 
 
+@dataclass(frozen=True, eq=False)
+class Rows(Recipe):
+    """Selected rows of a tensor, in the given order (a pruned router keeps its experts' rows)."""
+
+    base: Tensor
+    rows: tuple[int, ...]
+
+    def evaluate(self) -> torch.Tensor:
+        return self.base.value()[list(self.rows)]
+
+    def describe(self) -> str:
+        return f"rows({self.base.recipe.describe()}, {list(self.rows)})"
+
+
+@dataclass(frozen=True, eq=False)
+class Combine(Recipe):
+    """A linear combination sum_i coeffs[i] * parts[i], in float32 (merged experts)."""
+
+    parts: tuple[Tensor, ...]
+    coeffs: tuple[float, ...]
+
+    def evaluate(self) -> torch.Tensor:
+        out = None
+        for c, part in zip(self.coeffs, self.parts):
+            term = part.value().to(torch.float32) * c
+            out = term if out is None else out + term
+        return out
+
+    def describe(self) -> str:
+        return "combine(" + ", ".join(f"{c:+.3g}*{p.recipe.describe()}"
+                                      for c, p in zip(self.coeffs, self.parts)) + ")"
+
+
+def rows_of(base: Tensor, rows: list[int]) -> Tensor:
+    return Tensor((len(rows), *base.shape[1:]), base.dtype, Rows(base, tuple(rows)))
+
+
+def combined(parts: list[Tensor], coeffs: list[float]) -> Tensor:
+    """The weighted sum of same-shaped tensors; a single part with weight 1 is returned as is,
+    so pure pruning keeps the source's handles (and its dtype) untouched."""
+    pairs = [(c, p) for c, p in zip(coeffs, parts) if c != 0.0]
+    if len(pairs) == 1 and pairs[0][0] == 1.0:
+        return pairs[0][1]
+    if not pairs:
+        raise ValueError("a combination needs at least one non-zero coefficient")
+    return Tensor(parts[0].shape, "f32", Combine(tuple(p for _, p in pairs),
+                                                 tuple(float(c) for c, _ in pairs)))
+
+
 def stacked(parts: list[Tensor]) -> Tensor:
     first = parts[0]
     return Tensor((len(parts), *first.shape), first.dtype, Stack(tuple(parts)))
@@ -151,6 +200,10 @@ class MoE:
     norm_topk: bool  # renormalise the top-k probabilities to sum to 1
     scoring: str = "softmax"
     shared: SharedExpert | None = None
+    # EEP's exact router: the softmax over the router's own rows (the original experts) is
+    # mapped to one weight per expert by this (n_experts x router rows) matrix before top-k.
+    # None: the router has one row per expert (the form every runtime's MoE graph has).
+    router_map: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def n_experts(self) -> int:
@@ -284,7 +337,13 @@ def verify(model: Model) -> Model:
                 continue
             if not 1 <= ffn.top_k <= e:
                 problems.append(f"{at}: top_k {ffn.top_k} outside 1..{e} experts")
-            expect(ffn.router.weight, (e, d), f"{at} router")
+            if ffn.router_map is None:
+                expect(ffn.router.weight, (e, d), f"{at} router")
+            else:
+                rows = ffn.router.weight.shape[0]
+                expect(ffn.router.weight, (rows, d), f"{at} router")
+                if len(ffn.router_map) != e or any(len(r) != rows for r in ffn.router_map):
+                    problems.append(f"{at}: router map is not {e} x {rows}")
             f = ffn.experts[0].gate.shape[0]
             for j, ex in enumerate(ffn.experts):
                 _expect_mlp(expect, ex, d, f, f"{at} expert {j}")
@@ -331,6 +390,8 @@ def format_ir(model: Model) -> str:
             f = ffn.experts[0].gate.shape[0]
             desc = (f"moe experts={ffn.n_experts} top_k={ffn.top_k} ffn={f} {ffn.scoring}"
                     f"{' renorm' if ffn.norm_topk else ''} [{ffn.experts[0].gate.dtype}]")
+            if ffn.router_map is not None:
+                desc += f" router-map {ffn.n_experts}x{ffn.router.weight.shape[0]}"
             if ffn.shared is not None:
                 desc += (f" + shared ffn={ffn.shared.mlp.gate.shape[0]}"
                          + (" sigmoid-gated" if ffn.shared.gate is not None else ""))

@@ -34,7 +34,7 @@ class ReferenceExecutor:
         self.device = torch.device(device or default_device())
         self._weight_fn = weight_fn or (lambda t: t.value())
         self._input_fn = input_fn
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict = {}
 
     # ------------------------------------------------------------------ weights
     def w(self, t: ir.Tensor | None) -> torch.Tensor | None:
@@ -68,6 +68,14 @@ class ReferenceExecutor:
         if hit is None:
             hit = tuple(torch.stack([self.w(getattr(ex, name)) for ex in moe.experts])
                         for name in ("gate", "up", "down"))
+            self._cache[key] = hit
+        return hit
+
+    def router_map(self, moe: ir.MoE) -> torch.Tensor:
+        key = ("router_map", id(moe))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = torch.tensor(moe.router_map, dtype=torch.float32, device=self.device)
             self._cache[key] = hit
         return hit
 
@@ -135,6 +143,8 @@ class ReferenceExecutor:
     def route(self, moe: ir.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids and their weights for tokens x (N, D)."""
         probs = torch.softmax(self.linear(x, moe.router.weight), dim=-1)
+        if moe.router_map is not None:
+            probs = probs @ self.router_map(moe).T
         weights, idx = torch.topk(probs, moe.top_k, dim=-1)
         if moe.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)

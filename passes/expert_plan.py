@@ -1,0 +1,91 @@
+"""What an expert-pruning method decides, and how the IR is rewritten from it.
+
+Every method (EEP and the baselines) produces, for each MoE layer, two E' x E matrices in the
+EEP paper's notation:
+
+- `merge` (W_EM): new expert j = sum_i merge[j, i] * old expert i, applied to gate, up and down
+  alike. A one-hot row is plain pruning (the kept expert's tensors are reused untouched);
+- `router` (W_RM): the new routing weights are softmax(router logits) @ router^T.
+
+A one-hot router is the same as keeping the router rows of the chosen experts (exactly, when
+the top-k weights are renormalised; for routers that don't renormalise, slicing rows changes
+the softmax's denominator, and that sliced form is what llama.cpp runs, so it is what the
+search evaluates for such targets). A continuous router needs the full softmax over the
+original experts followed by the mapping: `exact_router=True` keeps it as `MoE.router_map`,
+for targets that can compute it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moecompile import ir
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    merge: np.ndarray  # (E', E)
+    router: np.ndarray  # (E', E)
+
+    @property
+    def router_rows(self) -> list[int]:
+        """The original router row behind each new expert (its one-hot projection)."""
+        return [int(i) for i in self.router.argmax(axis=1)]
+
+    @property
+    def kept(self) -> list[int]:
+        """The original expert that dominates each new expert."""
+        return [int(i) for i in np.abs(self.merge).argmax(axis=1)]
+
+    @property
+    def one_hot(self) -> bool:
+        return is_one_hot(self.merge) and is_one_hot(self.router)
+
+    def to_dict(self) -> dict:
+        out = {"kept": self.kept, "router_rows": self.router_rows}
+        if not is_one_hot(self.merge):
+            out["merge"] = np.round(self.merge, 5).tolist()
+        if not is_one_hot(self.router):
+            out["router"] = np.round(self.router, 5).tolist()
+        return out
+
+
+def is_one_hot(m: np.ndarray) -> bool:
+    return bool(((m == 0) | (m == 1)).all() and (m.sum(axis=1) == 1).all())
+
+
+def keep_plan(kept: list[int], n_experts: int) -> LayerPlan:
+    """Plain pruning: keep these experts (in ascending order) with their router rows."""
+    eye = np.eye(n_experts)[sorted(kept)]
+    return LayerPlan(eye.copy(), eye.copy())
+
+
+def moe_layers(model: ir.Model) -> list[int]:
+    return [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, ir.MoE)]
+
+
+def apply_plans(model: ir.Model, plans: dict[int, LayerPlan], exact_router: bool = False) -> ir.Model:
+    """The model with each planned MoE layer rebuilt from its merge and router matrices.
+
+    With `exact_router=False` a router is kept as the rows of `plan.router_rows` (the form
+    llama.cpp runs); with True, a router that is not one-hot becomes a `router_map`."""
+    blocks = list(model.blocks)
+    for layer, plan in plans.items():
+        moe = blocks[layer].ffn
+        assert isinstance(moe, ir.MoE) and moe.router_map is None, "layer already pruned"
+        experts = []
+        for row in plan.merge:
+            parts = {name: ir.combined([getattr(e, name) for e in moe.experts], row.tolist())
+                     for name in ("gate", "up", "down")}
+            experts.append(ir.Expert(**parts))
+        if exact_router and not is_one_hot(plan.router):
+            router, mapping = moe.router, tuple(tuple(float(v) for v in r) for r in plan.router)
+        else:
+            router, mapping = ir.Router(ir.rows_of(moe.router.weight, plan.router_rows)), None
+        n = len(experts)
+        new = replace(moe, experts=tuple(experts), router=router, router_map=mapping,
+                      top_k=min(moe.top_k, n))
+        blocks[layer] = replace(blocks[layer], ffn=new)
+    return replace(model, blocks=tuple(blocks))

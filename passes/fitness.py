@@ -1,0 +1,174 @@
+"""Fast fitness of expert-pruning candidates: one batched forward of the calibration set.
+
+A search evaluates hundreds of candidates, so a candidate is never materialised as a model.
+The evaluator keeps the original experts stacked per layer ((E, F, D) gate/up/down) and the
+router weights, and runs the layers from the first MoE block on with each candidate's merge
+and router matrices applied on the fly (an index for one-hot rows, an einsum otherwise).
+
+What a candidate cannot change is computed once: everything before the first MoE sublayer.
+Hidden states at later block boundaries are kept in a small LRU cache keyed by the candidate's
+matrices for the layers above that boundary, so a child that differs from its parent only in
+deep layers restarts from its parent's state (in steady-state evolution most children do).
+
+Fitness (higher is better):
+- tasks: exact-match accuracy (every answer token the teacher-forced argmax, which equals
+  greedy decoding producing the answer), plus a tie-breaker smaller than one example:
+  0.5/n * exp(mean log-probability of the answer tokens). Plateaus of equal accuracy are wide
+  on a small calibration set; the tie-breaker lets the search move along them;
+- text: minus the mean KL(original || candidate) over all calibration tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moecompile import ir
+from moecompile.runtime.executor import ReferenceExecutor, rms_norm
+
+from .calib import CalibSet
+from .expert_plan import LayerPlan, is_one_hot, moe_layers
+
+CACHE_BYTES = 1 << 30
+
+
+class FitnessEvaluator:
+    def __init__(self, model: ir.Model, calib: CalibSet, device: str = "cpu",
+                 exact_router: bool = False):
+        self.model = model
+        self.calib = calib
+        self.exact_router = exact_router
+        self.ex = ReferenceExecutor(model, device)
+        self.device = self.ex.device
+        self.layers = moe_layers(model)
+        self.first = self.layers[0]
+        ids = calib.ids.to(self.device)
+        self.targets = calib.targets.to(self.device)
+        self.scored = self.targets != -100
+        with torch.no_grad():
+            h, self.mask, self.positions = self.ex.embed(ids, calib.mask.to(self.device))
+            for block in model.blocks[:self.first]:
+                h = self.ex.block_forward(block, h, self.mask, self.positions)
+        self.h_first = h
+        self._stacks = {i: self.ex.experts_stacked(model.blocks[i].ffn) for i in self.layers}
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cache_bytes = 0
+        self.evaluations = 0
+        self.cache_hits = 0
+        self.reference_logp = None
+        if calib.kind == "text":
+            with torch.no_grad():
+                self.reference_logp = self._logp(self.ex.logits(ids, calib.mask.to(self.device)))
+
+    # ------------------------------------------------------------------ public
+    def fitness(self, plans: dict[int, LayerPlan]) -> float:
+        """The candidate's score (higher is better); `plans` has one entry per MoE layer."""
+        self.evaluations += 1
+        return self.score(self.logits(plans))
+
+    @torch.no_grad()
+    def logits(self, plans: dict[int, LayerPlan]) -> torch.Tensor:
+        keys = [_plan_key(plans.get(i)) for i in self.layers]
+        start, h = self.first, self.h_first
+        # the deepest cached block boundary whose state this candidate shares
+        for pos in range(len(self.layers) - 1, 0, -1):
+            hit = self._cache.get((self.layers[pos], tuple(keys[:pos])))
+            if hit is not None:
+                self._cache.move_to_end((self.layers[pos], tuple(keys[:pos])))
+                start, h = self.layers[pos], hit
+                self.cache_hits += 1
+                break
+        for i in range(start, len(self.model.blocks)):
+            if i in self.layers and i != self.first:
+                pos = self.layers.index(i)
+                self._remember((i, tuple(keys[:pos])), h)
+            h = self._block(i, h, plans.get(i))
+        return self.ex.head(h)
+
+    def score(self, logits: torch.Tensor) -> float:
+        if self.calib.kind == "text":
+            logp = self._logp(logits)
+            ref = self.reference_logp
+            kl = (ref.exp() * (ref - logp)).sum(-1)
+            return -float(kl[self.scored].mean())
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        safe = self.targets.clamp(min=0)
+        right = (logits.argmax(-1) == safe) | ~self.scored
+        exact = right.all(dim=1).float().mean()
+        token_logp = logp.gather(-1, safe[..., None])[..., 0][self.scored].mean()
+        n = self.calib.n_examples
+        return float(exact) + 0.5 / n * float(token_logp.exp())
+
+    # ------------------------------------------------------------------ internals
+    def _logp(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _remember(self, key: tuple, h: torch.Tensor) -> None:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return
+        size = h.numel() * h.element_size()
+        while self._cache and self._cache_bytes + size > CACHE_BYTES:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
+        self._cache[key] = h
+        self._cache_bytes += size
+
+    def _block(self, i: int, h: torch.Tensor, plan: LayerPlan | None) -> torch.Tensor:
+        block, ex, eps = self.model.blocks[i], self.ex, self.model.norm_eps
+        h = h + ex.attention(block.attn, rms_norm(h, ex.w(block.attn_norm), eps), self.mask,
+                             self.positions)
+        x = rms_norm(h, ex.w(block.ffn_norm), eps)
+        if not isinstance(block.ffn, ir.MoE):
+            return h + ex.mlp(x, block.ffn.mlp)
+        if plan is None:
+            return h + ex.moe(block.ffn, x)
+        return h + self._planned_moe(i, block.ffn, x, plan)
+
+    def _planned_moe(self, i: int, moe: ir.MoE, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gate, up, down = self._stacks[i]
+        if is_one_hot(plan.merge):
+            rows = torch.tensor(plan.kept, device=self.device)
+            gate, up, down = gate[rows], up[rows], down[rows]
+        else:
+            m = torch.tensor(plan.merge, dtype=torch.float32, device=self.device)
+            gate, up, down = (torch.einsum("je,e...->j...", m, w) for w in (gate, up, down))
+        router_w = self.ex.w(moe.router.weight)
+        if self.exact_router and not is_one_hot(plan.router):
+            probs = torch.softmax(x @ router_w.T, dim=-1)
+            probs = probs @ torch.tensor(plan.router, dtype=torch.float32, device=self.device).T
+        else:
+            rows = torch.tensor(plan.router_rows, device=self.device)
+            probs = torch.softmax(x @ router_w[rows].T, dim=-1)
+        k = min(moe.top_k, gate.shape[0])
+        weights, idx = torch.topk(probs, k, dim=-1)
+        if moe.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            xe = x[tok]
+            y = (F.silu(xe @ gate[e].T) * (xe @ up[e].T)) @ down[e].T
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        if moe.shared is not None:
+            s = moe.shared
+            y = self.ex.mlp(x, s.mlp)
+            if s.gate is not None:
+                y = y * torch.sigmoid(self.ex.linear(x, s.gate))
+            out = out + y
+        return out.reshape(shape)
+
+
+def _plan_key(plan: LayerPlan | None) -> bytes:
+    if plan is None:
+        return b""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(plan.merge, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(plan.router, dtype=np.float64).tobytes())
+    return digest.digest()

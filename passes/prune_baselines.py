@@ -1,0 +1,148 @@
+"""The simple expert-pruning methods EEP is compared with (and starts from).
+
+All keep the same number of experts in every layer and decide from the original model's
+behaviour on the calibration set (EEP paper, App. A.2; definitions in
+shared/research/eep.md §6):
+
+- random: a seeded uniform draw per layer;
+- frequency: the experts most often among a token's top-k (SEER-MoE "actual counting");
+- mass: the experts with the largest router probability summed over all tokens ("soft
+  counting"; the all-tokens sum, the natural reading of the paper);
+- reconstruct: per layer, the subset whose layer output best reconstructs the original
+  output (NAEE, "Not All Experts are Equal"): every subset is tried (at most `MAX_SUBSETS`,
+  sampled with the seed beyond that), scored by the sum over calibration examples of the
+  Frobenius norm of the output difference, with inputs from the unpruned model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moecompile import ir
+from moecompile.runtime.executor import ReferenceExecutor, rms_norm
+
+from .calib import CalibSet
+from .expert_plan import LayerPlan, keep_plan, moe_layers
+
+MAX_SUBSETS = 2000
+BASELINES = ("random", "frequency", "mass", "reconstruct")
+
+
+@dataclass
+class LayerIO:
+    """One MoE layer's behaviour on the calibration tokens (padding removed)."""
+
+    x: torch.Tensor  # (N, D) the MoE input
+    y: torch.Tensor  # (N, D) the routed experts' output (shared expert excluded)
+    probs: torch.Tensor  # (N, E) router softmax
+    example: torch.Tensor  # (N,) which calibration example each token belongs to
+
+
+@torch.no_grad()
+def collect_layer_io(model: ir.Model, calib: CalibSet, device: str = "cpu") -> dict[int, LayerIO]:
+    ex = ReferenceExecutor(model, device)
+    mask = calib.mask.to(ex.device)
+    h, attn_mask, positions = ex.embed(calib.ids.to(ex.device), mask)
+    keep = mask.reshape(-1).bool()
+    example = torch.arange(calib.n_examples, device=ex.device)[:, None].expand_as(mask).reshape(-1)[keep]
+    out: dict[int, LayerIO] = {}
+    eps = model.norm_eps
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block.ffn, ir.MoE):
+            h = ex.block_forward(block, h, attn_mask, positions)
+            continue
+        h = h + ex.attention(block.attn, rms_norm(h, ex.w(block.attn_norm), eps), attn_mask, positions)
+        x = rms_norm(h, ex.w(block.ffn_norm), eps)
+        moe = block.ffn
+        flat = x.reshape(-1, x.shape[-1])[keep]
+        probs = torch.softmax(ex.linear(flat, moe.router.weight), dim=-1)
+        routed = _mix(ex, moe, flat, probs, list(range(moe.n_experts)))
+        out[i] = LayerIO(flat, routed, probs, example)
+        h = h + ex.moe(moe, x)
+    return out
+
+
+def _mix(ex: ReferenceExecutor, moe: ir.MoE, x: torch.Tensor, probs: torch.Tensor,
+         kept: list[int], expert_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed output with only `kept` experts available (the others' logits at -inf, which
+    is the same as slicing their router rows)."""
+    sub = probs[:, kept]
+    sub = sub / sub.sum(-1, keepdim=True)
+    weights, idx = torch.topk(sub, min(moe.top_k, len(kept)), dim=-1)
+    if moe.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    gate, up, down = ex.experts_stacked(moe)
+    for slot_expert in torch.unique(idx).tolist():
+        e = kept[slot_expert]
+        tok, slot = (idx == slot_expert).nonzero(as_tuple=True)
+        if expert_out is not None:
+            y = expert_out[e, tok]
+        else:
+            xe = x[tok]
+            y = (F.silu(xe @ gate[e].T) * (xe @ up[e].T)) @ down[e].T
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+def choose(method: str, model: ir.Model, io: dict[int, LayerIO], n_keep: int,
+           seed: int = 0, device: str = "cpu") -> dict[int, LayerPlan]:
+    """One-hot plans (kept experts per MoE layer) by a baseline method."""
+    plans: dict[int, LayerPlan] = {}
+    rng = random.Random(f"random-prune/{seed}")
+    ex = ReferenceExecutor(model, device) if method == "reconstruct" else None
+    for layer in moe_layers(model):
+        moe, layer_io = model.blocks[layer].ffn, io[layer]
+        e = moe.n_experts
+        if method == "random":
+            kept = rng.sample(range(e), n_keep)
+        elif method == "frequency":
+            top = layer_io.probs.topk(moe.top_k, dim=-1).indices.reshape(-1)
+            kept = _top(torch.bincount(top, minlength=e).double(), n_keep)
+        elif method == "mass":
+            kept = _top(layer_io.probs.double().sum(0), n_keep)
+        elif method == "reconstruct":
+            kept = _best_reconstruction(ex, moe, layer_io, n_keep, seed)
+        else:
+            raise ValueError(f"unknown baseline {method!r}")
+        plans[layer] = keep_plan(kept, e)
+    return plans
+
+
+def _top(score: torch.Tensor, n: int) -> list[int]:
+    # stable: ties go to the lower expert index
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+    return order[:n]
+
+
+def _best_reconstruction(ex: ReferenceExecutor, moe: ir.MoE, io: LayerIO, n_keep: int,
+                         seed: int) -> list[int]:
+    e = moe.n_experts
+    if math.comb(e, n_keep) <= MAX_SUBSETS:
+        subsets = [list(s) for s in itertools.combinations(range(e), n_keep)]
+    else:
+        rng = random.Random(f"reconstruct/{seed}")
+        seen: set[tuple[int, ...]] = set()
+        while len(seen) < MAX_SUBSETS:
+            seen.add(tuple(sorted(rng.sample(range(e), n_keep))))
+        subsets = [list(s) for s in sorted(seen)]
+    gate, up, down = ex.experts_stacked(moe)
+    x = io.x
+    # every expert's output on every token, once (E, N, D)
+    expert_out = torch.stack([(F.silu(x @ gate[j].T) * (x @ up[j].T)) @ down[j].T for j in range(e)])
+    n_examples = int(io.example.max()) + 1
+    best, best_loss = subsets[0], math.inf
+    for kept in subsets:
+        diff = (io.y - _mix(ex, moe, x, io.probs, kept, expert_out)).double()
+        per_example = torch.zeros(n_examples, dtype=torch.float64, device=diff.device)
+        per_example.index_add_(0, io.example, diff.pow(2).sum(-1))
+        loss = float(per_example.sqrt().sum())
+        if loss < best_loss:
+            best, best_loss = kept, loss
+    return best

@@ -1,0 +1,190 @@
+"""Expert pruning: EEP and the baselines, on every architecture, through llama.cpp."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from builders import ARCHS
+from moecompile import frontend, ir
+from moecompile.cli import main
+from moecompile.compile import compile_gguf
+from moecompile.passes.calib import build_calib
+from moecompile.passes.eep import EEPConfig
+from moecompile.passes.expert_plan import LayerPlan, apply_plans, keep_plan, moe_layers
+from moecompile.passes.fitness import FitnessEvaluator
+from moecompile.passes.prune import prune_experts
+from moecompile.passes.prune_baselines import collect_layer_io, choose
+from moecompile.runtime import ReferenceExecutor
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
+
+
+@pytest.fixture(scope="module")
+def calib_of():
+    cache = {}
+
+    def get(model, spec="add,sort", n=6):
+        key = (model.source, spec, n)
+        if key not in cache:
+            cache[key] = build_calib(model, spec, n)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_export_verifies_for_every_arch(tiny_model, tmp_path, calib_of, arch):
+    model = frontend.load(tiny_model(arch))
+    pruned, report = prune_experts(model, 2, "frequency", calib_of(model), progress=False)
+    assert all(b.ffn.n_experts == 2 and b.ffn.router.weight.shape[0] == 2 for b in pruned.blocks)
+    assert pruned.history[-1]["pass"] == "prune_experts"
+    result = compile_gguf(pruned, tmp_path / "p.gguf", dtype="f32", progress=False)
+    assert result.passed, result.verification.summary()
+    assert result.report["passes"][0]["layers"] == report["layers"]
+
+
+def test_merged_experts_export_and_match_reference(tiny_model, tmp_path):
+    """Non-one-hot merge weights (EEP phase 2) become ordinary experts llama.cpp runs."""
+    model = frontend.load(tiny_model("mixtral"))
+    rng = np.random.default_rng(0)
+    plans = {layer: LayerPlan(np.eye(8)[[1, 4, 6]] + rng.normal(0, 0.1, (3, 8)),
+                              np.eye(8)[[1, 4, 6]]) for layer in moe_layers(model)}
+    merged = ir.verify(apply_plans(model, plans))
+    assert merged.blocks[0].ffn.experts[0].gate.dtype == "f32"
+    result = compile_gguf(merged, tmp_path / "m.gguf", dtype="f32", progress=False)
+    assert result.passed and result.verification.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_fast_fitness_path_equals_executor_on_the_applied_model(tiny_model, calib_of, exact):
+    model = frontend.load(tiny_model("qwen2_moe"))  # shared expert, no top-k renorm
+    calib = calib_of(model)
+    rng = np.random.default_rng(1)
+    router = np.eye(4)[[0, 3]] + (rng.normal(0, 0.1, (2, 4)) if exact else 0.0)
+    plans = {layer: LayerPlan(np.eye(4)[[0, 3]] + rng.normal(0, 0.1, (2, 4)), router)
+             for layer in moe_layers(model)}
+    fast = FitnessEvaluator(model, calib, exact_router=exact).logits(plans)
+    applied = ir.verify(apply_plans(model, plans, exact_router=exact))
+    assert (applied.blocks[0].ffn.router_map is not None) == exact
+    slow = ReferenceExecutor(applied, "cpu").logits(calib.ids, calib.mask)
+    assert torch.allclose(fast, slow, atol=1e-4)
+
+
+def test_exact_router_map_is_refused_by_gguf(tiny_model, tmp_path):
+    model = frontend.load(tiny_model("mixtral"))
+    plans = {layer: LayerPlan(np.eye(8)[[0, 1]], np.eye(8)[[0, 1]] * 0.9 + 0.01)
+             for layer in moe_layers(model)}
+    mapped = apply_plans(model, plans, exact_router=True)
+    with pytest.raises(Exception, match="continuous matrix"):
+        compile_gguf(mapped, tmp_path / "x.gguf", dtype="f32", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["frequency", "eep"])
+def test_keeping_every_expert_is_bit_exact(tiny_model, calib_of, method):
+    model = frontend.load(tiny_model("mixtral"))
+    calib = calib_of(model)
+    identity = apply_plans(model, {i: keep_plan(list(range(8)), 8) for i in moe_layers(model)})
+    want = ReferenceExecutor(model, "cpu").logits(calib.ids, calib.mask)
+    assert torch.equal(ReferenceExecutor(identity, "cpu").logits(calib.ids, calib.mask), want)
+    pruned, _ = prune_experts(model, 8, method, calib, config=EEPConfig(evaluations=1),
+                              progress=False)
+    assert torch.equal(ReferenceExecutor(pruned, "cpu").logits(calib.ids, calib.mask), want)
+
+
+def test_eep_is_deterministic_for_a_seed(tiny_model, calib_of):
+    model = frontend.load(tiny_model("olmoe"))
+    calib = calib_of(model)
+    runs = [prune_experts(model, 3, "eep", calib, config=EEPConfig(
+        evaluations=40, discrete_evals=20, max_init=8, seed=5), progress=False)[1]
+        for _ in range(2)]
+    for r in runs:
+        r.pop("seconds")
+    assert runs[0] == runs[1]
+    assert runs[0]["evaluations"] == 40
+    assert runs[0]["fitness"] >= max(runs[0]["baseline_fitness"].values())
+
+
+def test_frequency_baseline_counts_what_transformers_routes(tiny_model, calib_of):
+    """The frequency baseline keeps the experts transformers' own router picks most often."""
+    folder = tiny_model("mixtral")
+    model = frontend.load(folder)
+    calib = calib_of(model)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf(input_ids=calib.ids, attention_mask=calib.mask, output_router_logits=True)
+    keep = calib.mask.reshape(-1).bool()
+    plans = choose("frequency", model, collect_layer_io(model, calib), 3)
+    for layer, logits in enumerate(out.router_logits):
+        top = logits[keep].topk(2, dim=-1).indices.reshape(-1)
+        counts = torch.bincount(top, minlength=8).tolist()
+        want = sorted(sorted(range(8), key=lambda e: (-counts[e], e))[:3])
+        assert plans[layer].kept == want
+
+
+def test_reconstruct_with_all_but_one_expert_drops_the_least_harmful(tiny_model, calib_of):
+    model = frontend.load(tiny_model("qwen3_moe"))
+    calib = calib_of(model)
+    io = collect_layer_io(model, calib)
+    plans = choose("reconstruct", model, io, 7)
+    ev = FitnessEvaluator(model, calib)
+    for layer in moe_layers(model):
+        # the chosen 7 reconstruct the layer output best (sum over examples of the Frobenius
+        # norm of the error), computed here through the pruned-model forward instead
+        errors = {}
+        for dropped in range(8):
+            plan = keep_plan([e for e in range(8) if e != dropped], 8)
+            diff = ev._planned_moe(layer, model.blocks[layer].ffn, io[layer].x, plan) - io[layer].y
+            per_example = torch.zeros(calib.n_examples, dtype=torch.float64)
+            per_example.index_add_(0, io[layer].example, diff.double().pow(2).sum(-1))
+            errors[dropped] = float(per_example.sqrt().sum())
+        chosen_drop = next(e for e in range(8) if e not in plans[layer].kept)
+        assert errors[chosen_drop] == pytest.approx(min(errors.values()), rel=1e-6)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--experts", "0", "--calib", "add"], "between 1 and"),
+    (["--experts", "9", "--calib", "add"], "between 1 and"),
+    (["--experts", "2"], "needs calibration data"),
+    (["--experts", "2", "--calib", "nosuchtask"], "unknown calibration task"),
+    (["--experts", "2", "--calib", "add", "--search-budget", "lots"], "--search-budget"),
+    (["--experts", "2", "--calib", "missing.jsonl"], "missing.jsonl"),
+    (["--calib", "add"], "only apply with --experts"),
+])
+def test_bad_pruning_requests_exit_2(tiny_model, tmp_path, capsys, argv, message):
+    out = tmp_path / "x.gguf"
+    rc = main([str(tiny_model("mixtral")), "-o", str(out), "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_prunes_with_eep_and_records_the_choice(tiny_model, tmp_path):
+    out = tmp_path / "p.gguf"
+    rc = main([str(tiny_model("mixtral")), "-o", str(out), "--quiet", "--dtype", "f32",
+               "--experts", "4", "--calib", "add,rev", "--calib-n", "4",
+               "--search-budget", "30"])
+    assert rc == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    entry = report["passes"][0]
+    assert entry["method"] == "eep" and entry["evaluations"] == 30
+    assert report["verification"]["passed"]
+    from gguf import GGUFReader
+    fields = GGUFReader(str(out)).fields
+    history = json.loads(bytes(fields["moecompile.history"].parts[-1]).decode())
+    assert history[0]["layers"] == entry["layers"]
+    assert int(fields["llama.expert_count"].parts[-1][0]) == 4
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="bundled model missing")
+def test_eep_not_below_the_best_baseline_on_the_bundled_model():
+    model = frontend.load(BUNDLED)
+    pruned, report = prune_experts(model, 2, "eep", "add,sort,rev", calib_n=8,
+                                   config=EEPConfig(evaluations=60, seed=0), progress=False)
+    assert report["fitness"] >= max(report["baseline_fitness"].values())
+    # the pruned model, run as a model, scores what the search measured
+    calib = build_calib(model, "add,sort,rev", 8)
+    assert FitnessEvaluator(pruned, calib).fitness({}) == pytest.approx(report["fitness"], abs=1e-5)
