@@ -139,6 +139,11 @@ def check_exportable(model: ir.Model) -> str:
         raise UserError(f"family '{model.family}' has no GGUF mapping")
     arch, qk_norm, renorm, shared = _TARGETS[model.family]
     moes = [b.ffn for b in model.blocks]
+    dropped = [i for i, f in enumerate(moes) if f is None]
+    if dropped:
+        raise UserError(f"layer(s) {dropped} have no FFN (their MoE sublayer was dropped): "
+                        f"llama.cpp's {arch} graph has no form for a block without one; use "
+                        "--drop-blocks for GGUF, or a target that can express it (ONNX)")
     dense = [i for i, f in enumerate(moes) if not isinstance(f, ir.MoE)]
     if dense:
         raise UserError(f"GGUF/llama.cpp's {arch} graph makes every layer MoE, but layer(s) "

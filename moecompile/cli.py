@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--search-budget", metavar="EVALS|TIME",
                        help="EEP search length: evaluations (default 400) or a time (90s, 5m)")
     prune.add_argument("--seed", type=int, default=0, help="seed of the search and of random")
+    trim = p.add_argument_group("active experts and trimming (applied after --experts, in this order)")
+    trim.add_argument("--top-k", type=int, metavar="K",
+                      help="route each token to K experts instead of the model's own top-k")
+    trim.add_argument("--topk-method", choices=["plain", "search"], default="search",
+                      help="search (default, needs --calib): EEP merge/router search under top-K; "
+                           "plain: just lower k")
+    trim.add_argument("--drop-blocks", type=int, default=0, metavar="M",
+                      help="remove the M blocks whose output is most similar to their input")
+    trim.add_argument("--drop-moe-layers", type=int, default=0, metavar="M",
+                      help="remove the MoE sublayer (attention kept) of the M least important "
+                           "blocks; not expressible in GGUF")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the export in its runtime against the reference")
     p.add_argument("--device", default=None, help="torch device of the reference executor "
@@ -95,10 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from .compile import compile_gguf
     from .ir import format_ir
 
-    prune_budget = _check_prune_args(args)
+    budget = _check_pass_args(args)
     model = frontend.load(args.model)
-    if args.experts is not None:
-        model = _prune(model, args, prune_budget)
+    model = _apply_passes(model, args, budget)
     if args.print_ir:
         print(format_ir(model))
         if not args.output:
@@ -115,20 +125,67 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def _check_prune_args(args) -> tuple[int, float | None] | None:
-    """Validate the pruning flags before any model is read."""
+def _check_pass_args(args) -> tuple[int, float | None]:
+    """Validate the compression flags before any model is read."""
     from .passes.prune import parse_search_budget
 
-    if args.experts is None:
-        if args.calib or args.search_budget:
-            raise UserError("--calib/--search-budget only apply with --experts N")
-        return None
-    if not args.calib:
-        raise UserError("--experts needs calibration data: --calib TASKS (e.g. add,sort or all), "
+    searched = args.experts is not None or (args.top_k is not None and args.topk_method == "search")
+    calibrated = searched or args.drop_blocks or args.drop_moe_layers
+    if not calibrated and (args.calib or args.search_budget):
+        raise UserError("--calib/--search-budget only apply with --experts, --top-k, "
+                        "--drop-blocks or --drop-moe-layers")
+    if args.search_budget and not searched:
+        raise UserError("--search-budget only applies to --experts or --top-k with search")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be at least 1")
+    if args.top_k is not None and args.experts is not None and args.top_k > args.experts:
+        raise UserError(f"--top-k {args.top_k} exceeds the {args.experts} experts kept by --experts")
+    if args.drop_blocks < 0 or args.drop_moe_layers < 0:
+        raise UserError("--drop-blocks/--drop-moe-layers must not be negative")
+    if args.drop_moe_layers and args.target == "gguf":
+        raise UserError("--drop-moe-layers: llama.cpp's MoE graphs have no form for a block "
+                        "without an FFN, so GGUF cannot hold the result; use --drop-blocks, or "
+                        "a target that can express it (ONNX)")
+    if calibrated and not args.calib:
+        what = ("--experts" if args.experts is not None else "--top-k (search)" if searched
+                else "--drop-blocks/--drop-moe-layers")
+        raise UserError(f"{what} needs calibration data: --calib TASKS (e.g. add,sort or all), "
                         "--calib FILE.jsonl or --calib FILE.txt")
     if args.calib_n < 1:
         raise UserError(f"--calib-n {args.calib_n}: must be at least 1")
     return parse_search_budget(args.search_budget)
+
+
+def _apply_passes(model, args, budget: tuple[int, float | None]):
+    """--experts, then --top-k, then --drop-blocks, then --drop-moe-layers."""
+    from .passes.eep import EEPConfig
+    from .passes.topk import reduce_top_k
+    from .passes.trim import trim
+    from .runtime.executor import default_device
+
+    device = args.device or default_device()
+    evaluations, seconds = budget
+    if args.experts is not None:
+        model = _prune(model, args, budget)
+    if args.top_k is not None:
+        config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=args.seed)
+        model, report = reduce_top_k(model, args.top_k, args.topk_method, args.calib,
+                                     calib_n=args.calib_n, seed=args.seed, config=config,
+                                     device=device, progress=not args.quiet)
+        line = f"top-k {report['top_k_before']} -> {args.top_k} ({args.topk_method})"
+        if args.top_k == report["top_k_before"]:
+            line += ": unchanged"
+        if "fitness" in report:
+            line += (f": calibration fitness {report['fitness']:.4f} (top-{report['top_k_before']} "
+                     f"{report['fitness_before']:.4f}, plain top-{args.top_k} "
+                     f"{report['fitness_plain']:.4f})")
+        print(line)
+    for kind, m in (("blocks", args.drop_blocks), ("moe_layers", args.drop_moe_layers)):
+        if m:
+            model, report = trim(model, kind, m, args.calib, calib_n=args.calib_n, device=device)
+            print(f"dropped {kind.replace('_', ' ')} {report['dropped']}: calibration fitness "
+                  f"{report['fitness']:.4f} (before {report['fitness_before']:.4f})")
+    return model
 
 
 def _prune(model, args, budget: tuple[int, float | None]):
@@ -140,7 +197,7 @@ def _prune(model, args, budget: tuple[int, float | None]):
     config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=args.seed)
     model, report = prune_experts(
         model, args.experts, args.prune_method, args.calib, calib_n=args.calib_n,
-        seed=args.seed, config=config, exact_router=False,
+        seed=args.seed, config=config, router_mode="onehot",
         device=args.device or default_device(), progress=not args.quiet)
     line = (f"pruned to {args.experts} of {report['experts_before']} experts per layer by "
             f"{args.prune_method}: calibration fitness {report['fitness']:.4f} "

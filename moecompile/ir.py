@@ -120,6 +120,21 @@ class Combine(Recipe):
                                       for c, p in zip(self.coeffs, self.parts)) + ")"
 
 
+@dataclass(frozen=True, eq=False)
+class MixRows(Recipe):
+    """matrix @ base: each new row a linear combination of the base's rows (a router whose
+    expert logits are adjusted linearly, which any runtime's linear router can hold)."""
+
+    base: Tensor
+    matrix: tuple[tuple[float, ...], ...]
+
+    def evaluate(self) -> torch.Tensor:
+        return torch.tensor(self.matrix, dtype=torch.float32) @ self.base.value().to(torch.float32)
+
+    def describe(self) -> str:
+        return f"mix_rows({self.base.recipe.describe()}, {len(self.matrix)}x{len(self.matrix[0])})"
+
+
 def rows_of(base: Tensor, rows: list[int]) -> Tensor:
     return Tensor((len(rows), *base.shape[1:]), base.dtype, Rows(base, tuple(rows)))
 
@@ -222,8 +237,8 @@ FFN = Union[MoE, Dense]
 class Block:
     attn_norm: Tensor
     attn: Attention
-    ffn_norm: Tensor
-    ffn: FFN
+    ffn_norm: Tensor | None  # None together with ffn: the FFN sublayer was dropped
+    ffn: FFN | None
 
 
 @dataclass(frozen=True)
@@ -310,7 +325,8 @@ def verify(model: Model) -> Model:
         at = f"block {i}"
         a = b.attn
         expect(b.attn_norm, (d,), f"{at} attn_norm")
-        expect(b.ffn_norm, (d,), f"{at} ffn_norm")
+        if b.ffn is not None or b.ffn_norm is not None:
+            expect(b.ffn_norm, (d,), f"{at} ffn_norm")
         if a.n_heads % a.n_kv_heads:
             problems.append(f"{at}: {a.n_heads} heads not divisible by {a.n_kv_heads} kv heads")
         qd, kd = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
@@ -354,7 +370,7 @@ def verify(model: Model) -> Model:
                     expect(ffn.shared.gate, (1, d), f"{at} shared expert gate")
         elif isinstance(ffn, Dense):
             _expect_mlp(expect, ffn.mlp, d, ffn.mlp.gate.shape[0], f"{at} dense mlp")
-        else:
+        elif ffn is not None:
             problems.append(f"{at}: unknown ffn {type(ffn).__name__}")
     if problems:
         raise IRError("invalid IR: " + "; ".join(problems))
@@ -395,6 +411,8 @@ def format_ir(model: Model) -> str:
             if ffn.shared is not None:
                 desc += (f" + shared ffn={ffn.shared.mlp.gate.shape[0]}"
                          + (" sigmoid-gated" if ffn.shared.gate is not None else ""))
+        elif ffn is None:
+            desc = "no ffn (MoE sublayer dropped)"
         else:
             desc = f"dense ffn={ffn.mlp.gate.shape[0]} [{ffn.mlp.gate.dtype}]"
         lines.append(f"  block {i:>3}: {attn} | {desc}")

@@ -22,9 +22,12 @@ Deviations, each for a stated reason:
 - starting from the baselines' choices (not only random subsets) makes EEP never worse than
   them on the calibration set, at no cost;
 - targets without a continuous router (llama.cpp) keep W_RM one-hot through phase 2
-  (`exact_router=False`): only W_EM is searched there, and a crossover row carries its router
-  row along so a slot's routing and weights come from the same parent. The exact form is
-  searched for targets that can compute it; tools/bench_prune.py measures the difference;
+  (`router_mode="onehot"`): only W_EM is searched there, and a crossover row carries its router
+  row along so a slot's routing and weights come from the same parent. The exact form
+  ("exact") is searched for targets that can compute it; tools/bench_prune.py measures the
+  difference. "logits" searches W_RM as a linear mix of router rows, which GGUF can hold;
+- with E' == E (top-k reduction) there is nothing to prune: the search starts in phase 2 from
+  the identity;
 - groups default to one per MoE layer (the paper's default is 4 groups of 8 layers of Mixtral;
   its own ablation shows per-layer groups prune better), `groups=G` shares matrices across G
   contiguous groups of layers;
@@ -52,7 +55,7 @@ class EEPConfig:
     discrete_evals: int = 100  # phase 1 length (discrete_iter)
     max_init: int = 30
     groups: int | None = None  # None: one group per MoE layer
-    exact_router: bool = False
+    router_mode: str = "onehot"  # see expert_plan.py: onehot | exact | logits
     row_swap_prob: float = 0.15
     group_change_prob: float = 0.25
     crossover_prob: float = 0.3
@@ -123,7 +126,7 @@ def search(evaluate, layers: list[int], n_experts: int, n_keep: int,
             return time.monotonic() - t0 < config.seconds
         return len(archive) < total
 
-    phase1_exhausted = False  # e.g. E' == E: there is only one one-hot individual
+    phase1_exhausted = n_keep == n_experts  # only one one-hot individual: the identity
 
     def in_phase1() -> bool:
         if phase1_exhausted:
@@ -226,7 +229,7 @@ def _child(archive: list[Individual], rng: np.random.Generator, config: EEPConfi
         if not flags[g]:
             continue
         merge[g] = _perturb(merge[g], rng, config)
-        if config.exact_router:
+        if config.router_mode != "onehot":
             router[g] = _perturb(router[g], rng, config)
     if rng.random() < config.norm_prob:
         merge = [m / np.where(np.abs(s := m.sum(axis=1, keepdims=True)) < 1e-8, 1.0, s)
@@ -246,7 +249,7 @@ def _crossover(a: Individual, b: Individual, flags: np.ndarray, rng: np.random.G
         if flags[g]:
             rows = rng.random(a.merge[g].shape[0]) < config.front_prob
             m = np.where(rows[:, None], a.merge[g], b.merge[g])
-            if config.exact_router:
+            if config.router_mode != "onehot":
                 rows_r = rng.random(a.router[g].shape[0]) < config.front_prob
                 r = np.where(rows_r[:, None], a.router[g], b.router[g])
             else:

@@ -7,12 +7,17 @@ EEP paper's notation:
   alike. A one-hot row is plain pruning (the kept expert's tensors are reused untouched);
 - `router` (W_RM): the new routing weights are softmax(router logits) @ router^T.
 
-A one-hot router is the same as keeping the router rows of the chosen experts (exactly, when
-the top-k weights are renormalised; for routers that don't renormalise, slicing rows changes
-the softmax's denominator, and that sliced form is what llama.cpp runs, so it is what the
-search evaluates for such targets). A continuous router needs the full softmax over the
-original experts followed by the mapping: `exact_router=True` keeps it as `MoE.router_map`,
-for targets that can compute it.
+How the router matrix is applied is the `router_mode`:
+
+- "onehot": it stays one-hot and means "keep these router rows" — exactly the paper's mapping
+  when the top-k weights are renormalised; for routers that don't renormalise, slicing rows
+  changes the softmax's denominator, and that sliced form is what llama.cpp runs, so it is what
+  the search evaluates. Every runtime can hold it;
+- "exact": the paper's mapping of the softmax probabilities, kept as `MoE.router_map` for
+  targets that can compute it (not llama.cpp's fixed MoE graph);
+- "logits": the matrix mixes the router's *rows* (new logits = R @ old logits), a router
+  adjustment that stays a plain linear router, so GGUF can hold it. Used by the top-k search,
+  where with every expert kept a one-hot router could change nothing.
 """
 
 from __future__ import annotations
@@ -66,11 +71,12 @@ def moe_layers(model: ir.Model) -> list[int]:
     return [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, ir.MoE)]
 
 
-def apply_plans(model: ir.Model, plans: dict[int, LayerPlan], exact_router: bool = False) -> ir.Model:
-    """The model with each planned MoE layer rebuilt from its merge and router matrices.
+ROUTER_MODES = ("onehot", "exact", "logits")
 
-    With `exact_router=False` a router is kept as the rows of `plan.router_rows` (the form
-    llama.cpp runs); with True, a router that is not one-hot becomes a `router_map`."""
+
+def apply_plans(model: ir.Model, plans: dict[int, LayerPlan], router_mode: str = "onehot") -> ir.Model:
+    """The model with each planned MoE layer rebuilt from its merge and router matrices."""
+    assert router_mode in ROUTER_MODES, router_mode
     blocks = list(model.blocks)
     for layer, plan in plans.items():
         moe = blocks[layer].ffn
@@ -80,8 +86,13 @@ def apply_plans(model: ir.Model, plans: dict[int, LayerPlan], exact_router: bool
             parts = {name: ir.combined([getattr(e, name) for e in moe.experts], row.tolist())
                      for name in ("gate", "up", "down")}
             experts.append(ir.Expert(**parts))
-        if exact_router and not is_one_hot(plan.router):
-            router, mapping = moe.router, tuple(tuple(float(v) for v in r) for r in plan.router)
+        matrix = tuple(tuple(float(v) for v in r) for r in plan.router)
+        if router_mode == "exact" and not is_one_hot(plan.router):
+            router, mapping = moe.router, matrix
+        elif router_mode == "logits" and not is_one_hot(plan.router):
+            w = moe.router.weight
+            router = ir.Router(ir.Tensor((len(matrix), w.shape[1]), "f32", ir.MixRows(w, matrix)))
+            mapping = None
         else:
             router, mapping = ir.Router(ir.rows_of(moe.router.weight, plan.router_rows)), None
         n = len(experts)

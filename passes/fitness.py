@@ -38,10 +38,10 @@ CACHE_BYTES = 1 << 30
 
 class FitnessEvaluator:
     def __init__(self, model: ir.Model, calib: CalibSet, device: str = "cpu",
-                 exact_router: bool = False):
+                 router_mode: str = "onehot"):
         self.model = model
         self.calib = calib
-        self.exact_router = exact_router
+        self.router_mode = router_mode
         self.ex = ReferenceExecutor(model, device)
         self.device = self.ex.device
         self.layers = moe_layers(model)
@@ -122,6 +122,8 @@ class FitnessEvaluator:
         block, ex, eps = self.model.blocks[i], self.ex, self.model.norm_eps
         h = h + ex.attention(block.attn, rms_norm(h, ex.w(block.attn_norm), eps), self.mask,
                              self.positions)
+        if block.ffn is None:
+            return h
         x = rms_norm(h, ex.w(block.ffn_norm), eps)
         if not isinstance(block.ffn, ir.MoE):
             return h + ex.mlp(x, block.ffn.mlp)
@@ -140,9 +142,11 @@ class FitnessEvaluator:
             m = torch.tensor(plan.merge, dtype=torch.float32, device=self.device)
             gate, up, down = (torch.einsum("je,e...->j...", m, w) for w in (gate, up, down))
         router_w = self.ex.w(moe.router.weight)
-        if self.exact_router and not is_one_hot(plan.router):
-            probs = torch.softmax(x @ router_w.T, dim=-1)
-            probs = probs @ torch.tensor(plan.router, dtype=torch.float32, device=self.device).T
+        mapping = torch.tensor(plan.router, dtype=torch.float32, device=self.device)
+        if self.router_mode == "exact" and not is_one_hot(plan.router):
+            probs = torch.softmax(x @ router_w.T, dim=-1) @ mapping.T
+        elif self.router_mode == "logits" and not is_one_hot(plan.router):
+            probs = torch.softmax(x @ (mapping @ router_w).T, dim=-1)
         else:
             rows = torch.tensor(plan.router_rows, device=self.device)
             probs = torch.softmax(x @ router_w[rows].T, dim=-1)

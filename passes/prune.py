@@ -19,7 +19,7 @@ from moecompile.errors import UserError
 from . import prune_baselines
 from .calib import CalibSet, build_calib
 from .eep import EEPConfig, search
-from .expert_plan import LayerPlan, apply_plans, moe_layers
+from .expert_plan import apply_plans, moe_layers
 from .fitness import FitnessEvaluator
 
 log = logging.getLogger("moecompile")
@@ -64,7 +64,7 @@ def check_request(model: ir.Model, n_keep: int, method: str) -> int:
 
 def prune_experts(model: ir.Model, n_keep: int, method: str, calib: str | CalibSet,
                   calib_n: int = 32, seed: int = 0, config: EEPConfig | None = None,
-                  exact_router: bool = False, device: str = "cpu",
+                  router_mode: str = "onehot", device: str = "cpu",
                   progress: bool = True) -> tuple[ir.Model, dict]:
     n_experts = check_request(model, n_keep, method)
     t0 = time.monotonic()
@@ -74,7 +74,7 @@ def prune_experts(model: ir.Model, n_keep: int, method: str, calib: str | CalibS
              "exact-match accuracy" if calib_set.kind == "tasks" else "-KL to the original")
     layers = moe_layers(model)
     io = prune_baselines.collect_layer_io(model, calib_set, device)
-    evaluator = FitnessEvaluator(model, calib_set, device, exact_router=exact_router)
+    evaluator = FitnessEvaluator(model, calib_set, device, router_mode=router_mode)
     report: dict = {"pass": "prune_experts", "method": method, "experts": n_keep,
                     "experts_before": n_experts, "calib": calib_set.spec,
                     "calib_examples": calib_set.n_examples, "fitness_kind":
@@ -85,7 +85,7 @@ def prune_experts(model: ir.Model, n_keep: int, method: str, calib: str | CalibS
         starts = {name: prune_baselines.choose(name, model, io, n_keep, seed, device)
                   for name in prune_baselines.BASELINES}
         config = config or EEPConfig(seed=seed)
-        config.exact_router = exact_router
+        config.router_mode = router_mode
         result = search(evaluator.fitness, layers, n_experts, n_keep, starts, config, progress)
         plans = result.plans
         report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
@@ -94,14 +94,14 @@ def prune_experts(model: ir.Model, n_keep: int, method: str, calib: str | CalibS
         report["cache_hits"] = evaluator.cache_hits
         step = max(1, len(result.history) // HISTORY_POINTS)
         report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
-        report["exact_router"] = exact_router
+        report["router_mode"] = router_mode
     else:
         plans = prune_baselines.choose(method, model, io, n_keep, seed, device)
     fitness = evaluator.fitness(plans)
     report["fitness"] = round(fitness, 6)
     report["seconds"] = round(time.monotonic() - t0, 2)
     report["layers"] = {str(layer): plan.to_dict() for layer, plan in plans.items()}
-    pruned = apply_plans(model, plans, exact_router=exact_router)
+    pruned = apply_plans(model, plans, router_mode=router_mode)
     top_k = model.blocks[layers[0]].ffn.top_k
     if n_keep < top_k:
         log.warning("top-k %d clamped to %d: only %d experts are kept per layer", top_k, n_keep,
@@ -111,6 +111,3 @@ def prune_experts(model: ir.Model, n_keep: int, method: str, calib: str | CalibS
              n_keep, method, fitness, report["fitness_unpruned"])
     return ir.verify(pruned.with_history(report)), report
 
-
-def plans_summary(plans: dict[int, LayerPlan]) -> str:
-    return "; ".join(f"layer {layer}: {plan.kept}" for layer, plan in plans.items())

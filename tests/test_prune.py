@@ -66,8 +66,8 @@ def test_fast_fitness_path_equals_executor_on_the_applied_model(tiny_model, cali
     router = np.eye(4)[[0, 3]] + (rng.normal(0, 0.1, (2, 4)) if exact else 0.0)
     plans = {layer: LayerPlan(np.eye(4)[[0, 3]] + rng.normal(0, 0.1, (2, 4)), router)
              for layer in moe_layers(model)}
-    fast = FitnessEvaluator(model, calib, exact_router=exact).logits(plans)
-    applied = ir.verify(apply_plans(model, plans, exact_router=exact))
+    fast = FitnessEvaluator(model, calib, router_mode="exact" if exact else "onehot").logits(plans)
+    applied = ir.verify(apply_plans(model, plans, router_mode="exact" if exact else "onehot"))
     assert (applied.blocks[0].ffn.router_map is not None) == exact
     slow = ReferenceExecutor(applied, "cpu").logits(calib.ids, calib.mask)
     assert torch.allclose(fast, slow, atol=1e-4)
@@ -77,7 +77,7 @@ def test_exact_router_map_is_refused_by_gguf(tiny_model, tmp_path):
     model = frontend.load(tiny_model("mixtral"))
     plans = {layer: LayerPlan(np.eye(8)[[0, 1]], np.eye(8)[[0, 1]] * 0.9 + 0.01)
              for layer in moe_layers(model)}
-    mapped = apply_plans(model, plans, exact_router=True)
+    mapped = apply_plans(model, plans, router_mode="exact")
     with pytest.raises(Exception, match="continuous matrix"):
         compile_gguf(mapped, tmp_path / "x.gguf", dtype="f32", progress=False)
     assert not list(tmp_path.iterdir())

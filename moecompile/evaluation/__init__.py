@@ -11,13 +11,13 @@ PPL_WINDOW = 128
 PPL_TOKENS = 8192
 
 
-def evaluate(model: str, base: str | None = None, tasks: list[str] | None = None, n: int = 200,
+def evaluate(model: "str | Backend", base: "str | Backend | None" = None, tasks: list[str] | None = None, n: int = 200,
              ppl: bool = False, batch_size: int = 32, progress: bool = True) -> dict:
     """Accuracy per task, optional perplexity, and KL / top-1 agreement against `base`."""
     from ..tasks import corpus_texts, examples
 
-    backend = open_backend(model)
-    result: dict = {"model": model, "tasks": {}}
+    backend = model if isinstance(model, Backend) else open_backend(model)
+    result: dict = {"model": backend.name, "tasks": {}}
     for task in tasks or []:
         result["tasks"][task] = task_accuracy(backend, task, n, batch_size, progress)
     window = min(PPL_WINDOW, backend.context)
@@ -25,12 +25,12 @@ def evaluate(model: str, base: str | None = None, tasks: list[str] | None = None
         windows = corpus_windows(backend, corpus_texts("test"), window, PPL_TOKENS)
         result["perplexity"] = perplexity(backend, windows, progress=progress)
     if base is not None:
-        reference = open_backend(base)
+        reference = base if isinstance(base, Backend) else open_backend(base)
         sequences = corpus_windows(reference, corpus_texts("test"), window, PPL_TOKENS // 4)
         for task in tasks or []:
             sequences += [reference.encode(e.prompt + e.answer)
                           for e in examples(task, "test", min(n, 32))]
-        result["base"] = base
+        result["base"] = reference.name
         result.update(divergence(backend, reference, sequences, progress=progress))
     return result
 

@@ -79,6 +79,52 @@ class HFBackend(Backend):
         return [_until_eos(row[ids.shape[1]:].tolist(), self.eos) for row in out]
 
 
+class IRBackend(Backend):
+    """A model still in the IR (e.g. just pruned), run by the reference executor.
+
+    Lets a benchmark measure many compressed variants without exporting each; greedy decoding
+    recomputes the whole sequence per step (no KV cache), which is fine for short answers."""
+
+    def __init__(self, model, device: str = "cpu"):
+        from transformers import AutoTokenizer
+
+        from ..runtime.executor import ReferenceExecutor
+
+        if model.tokenizer is None:
+            raise UserError(f"{model.source}: no tokenizer to evaluate with")
+        self.name = f"{model.source} (IR)"
+        self.ex = ReferenceExecutor(model, device)
+        self.device = self.ex.device
+        self.tok = AutoTokenizer.from_pretrained(str(model.tokenizer.path))
+        self.vocab = model.vocab
+        self.context = model.context_length
+        self.eos = model.tokenizer.eos_id
+        self.pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else (self.eos or 0)
+
+    encode = HFBackend.encode
+    decode = HFBackend.decode
+    _padded = HFBackend._padded
+
+    def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
+        ids, mask = self._padded(batch)
+        out = self.ex.logits(ids, mask).float().cpu().numpy()
+        return [out[i, out.shape[1] - len(seq):] for i, seq in enumerate(batch)]
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        ids, mask = self._padded(prompts)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new):
+            nxt = self.ex.logits(ids, mask)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, (~done).long()[:, None]], 1)
+            done |= nxt == self.eos
+            if bool(done.all()):
+                break
+        width = max(len(p) for p in prompts)  # generated tokens start after the padded prompts
+        return [_until_eos(row[width:].tolist(), self.eos) for row in ids]
+
+
 class GGUFBackend(Backend):
     def __init__(self, file: Path, n_ctx: int = 1024):
         self.name = str(file)

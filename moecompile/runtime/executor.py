@@ -108,6 +108,8 @@ class ReferenceExecutor:
     def block_forward(self, block: ir.Block, h, mask, positions):
         eps = self.model.norm_eps
         h = h + self.attention(block.attn, rms_norm(h, self.w(block.attn_norm), eps), mask, positions)
+        if block.ffn is None:
+            return h
         x = rms_norm(h, self.w(block.ffn_norm), eps)
         if isinstance(block.ffn, ir.MoE):
             return h + self.moe(block.ffn, x)

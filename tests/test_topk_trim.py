@@ -1,0 +1,122 @@
+"""Top-k reduction, block drop and MoE-layer drop: exactness, composition, llama.cpp, errors."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecompile import frontend, ir
+from moecompile.cli import main
+from moecompile.compile import compile_gguf
+from moecompile.passes.calib import build_calib
+from moecompile.passes.eep import EEPConfig
+from moecompile.passes.prune import prune_experts
+from moecompile.passes.topk import reduce_top_k
+from moecompile.passes.trim import trim
+from moecompile.runtime import ReferenceExecutor
+
+SMALL = EEPConfig(evaluations=25, seed=3)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny_model):
+    folder = tiny_model("mixtral", num_hidden_layers=3)
+    model = frontend.load(folder)
+    return folder, model, build_calib(model, "add,rev", 6)
+
+
+def logits(model, calib):
+    return ReferenceExecutor(model, "cpu").logits(calib.ids, calib.mask)
+
+
+def test_same_k_and_zero_drops_are_bit_exact(mixtral):
+    _, model, calib = mixtral
+    want = logits(model, calib)
+    same, _ = reduce_top_k(model, 2, "search", calib, config=SMALL, progress=False)
+    assert torch.equal(logits(same, calib), want)
+    for kind in ("blocks", "moe_layers"):
+        kept, _ = trim(model, kind, 0, calib)
+        assert torch.equal(logits(kept, calib), want)
+
+
+def test_plain_top_k_equals_transformers_with_k_experts(mixtral):
+    folder, model, calib = mixtral
+    reduced, report = reduce_top_k(model, 1, "plain", progress=False)
+    assert all(b.ffn.top_k == 1 for b in reduced.blocks) and report["top_k_before"] == 2
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                              num_experts_per_tok=1).eval()
+    with torch.no_grad():
+        want = hf(input_ids=calib.ids, attention_mask=calib.mask).logits
+    keep = calib.mask.bool()
+    assert torch.allclose(logits(reduced, calib)[keep], want[keep], atol=1e-4)
+
+
+def test_searched_top_k_is_not_worse_than_plain_and_runs_in_llama_cpp(mixtral, tmp_path):
+    _, model, calib = mixtral
+    reduced, report = reduce_top_k(model, 1, "search", calib, config=SMALL, progress=False)
+    assert report["fitness"] >= report["fitness_plain"]
+    assert report["evaluations"] == 25
+    result = compile_gguf(reduced, tmp_path / "k1.gguf", dtype="f32", progress=False)
+    assert result.passed and result.verification.top1_agreement == 1.0
+
+
+def test_block_drop_renumbers_and_runs_in_llama_cpp(mixtral, tmp_path):
+    _, model, calib = mixtral
+    dropped, report = trim(model, "blocks", 1, calib)
+    assert len(dropped.blocks) == 2 and len(report["dropped"]) == 1
+    survivor = [i for i in range(3) if i not in report["dropped"]]
+    assert [b.attn.q for b in dropped.blocks] == [model.blocks[i].attn.q for i in survivor]
+    # the dropped block is the one whose output is most similar to its input
+    sims = report["similarity"]
+    assert report["dropped"][0] == max(range(3), key=lambda i: sims[str(i)])
+    result = compile_gguf(dropped, tmp_path / "b1.gguf", dtype="f32", progress=False)
+    assert result.passed, result.verification.summary()
+    assert result.report["passes"][-1]["dropped"] == report["dropped"]
+
+
+def test_moe_layer_drop_keeps_attention_and_gguf_refuses_it(mixtral, tmp_path):
+    _, model, calib = mixtral
+    dropped, report = trim(model, "moe_layers", 2, calib)
+    gone = report["dropped"]
+    assert len(gone) == 2
+    for i, b in enumerate(dropped.blocks):
+        assert (b.ffn is None) == (i in gone) and b.attn is model.blocks[i].attn
+    assert "no ffn" in ir.format_ir(dropped)
+    logits(dropped, calib)  # the reference executor runs it
+    with pytest.raises(Exception, match="no FFN"):
+        compile_gguf(dropped, tmp_path / "l.gguf", dtype="f32", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("order", ["prune-topk-drop", "drop-topk-prune"])
+def test_passes_compose_in_either_order(mixtral, tmp_path, order):
+    _, model, calib = mixtral
+    steps = {
+        "prune": lambda m: prune_experts(m, 4, "eep", calib, config=SMALL, progress=False)[0],
+        "topk": lambda m: reduce_top_k(m, 1, "search", calib, config=SMALL, progress=False)[0],
+        "drop": lambda m: trim(m, "blocks", 1, calib)[0],
+    }
+    for name in order.split("-"):
+        model = ir.verify(steps[name](model))
+    assert len(model.blocks) == 2
+    assert all(b.ffn.n_experts == 4 and b.ffn.top_k == 1 for b in model.blocks)
+    assert [h["pass"] for h in model.history] == [
+        {"prune": "prune_experts", "topk": "top_k", "drop": "drop_blocks"}[n] for n in order.split("-")]
+    result = compile_gguf(model, tmp_path / "c.gguf", dtype="f32", progress=False)
+    assert result.passed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--top-k", "0"], "at least 1"),
+    (["--top-k", "9", "--topk-method", "plain"], "between 1 and"),
+    (["--experts", "2", "--top-k", "3", "--calib", "add"], "exceeds the 2 experts"),
+    (["--top-k", "1"], "needs calibration data"),
+    (["--drop-blocks", "3", "--calib", "add"], "must keep at least one"),
+    (["--drop-blocks", "-1", "--calib", "add"], "must not be negative"),
+    (["--drop-moe-layers", "1", "--calib", "add"], "no form for a block"),
+])
+def test_impossible_requests_exit_2(mixtral, tmp_path, capsys, argv, message):
+    folder = mixtral[0]
+    rc = main([str(folder), "-o", str(tmp_path / "x.gguf"), "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
