@@ -44,3 +44,16 @@ def test_cli_json_and_bad_input(tiny_model, tmp_path):
                           "--tasks", "add,juggling"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task(s) juggling" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_ir_backend_matches_transformers(tiny_model):
+    """An in-memory (e.g. just pruned) model evaluates like its checkpoint in transformers."""
+    from moecompile import frontend
+    from moecompile.evaluation.backends import HFBackend, IRBackend
+
+    folder = tiny_model("qwen2_moe")
+    hf, mem = HFBackend(folder), IRBackend(frontend.load(folder))
+    prompts = [hf.encode(p) for p in ("add 12+34=", "rev a b c=", "sort 3 1 2=")]
+    assert mem.greedy(prompts, 6) == hf.greedy(prompts, 6)
+    for a, b in zip(mem.logits(prompts), hf.logits(prompts)):
+        assert abs(a - b).max() < 1e-4
