@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
                    help="weight type of the export; auto (default) keeps a bf16 source in bf16 "
                         "and writes f16 otherwise. Routers and norms stay F32")
+    p.add_argument("--quant", metavar="TYPE|auto",
+                   help="weight types through llama.cpp's quantizer: one type for every weight "
+                        "(q8_0, q6_k, q5_k, q4_k, iq4_xs, q3_k, q2_k, f16, bf16) or auto "
+                        "(chosen per tensor by measured sensitivity; needs --calib and --budget)")
+    p.add_argument("--quant-map", metavar="FILE.json",
+                   help='per-tensor types: {"GGUF tensor-name regex": "type", ...}, first match wins')
     p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
     prune = p.add_argument_group("expert pruning")
     prune.add_argument("--experts", type=int, metavar="N",
@@ -118,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     if args.target != "gguf":
         raise UserError(f"target '{args.target}' is not implemented yet (available: gguf)")
     dtype = args.dtype if args.dtype != "auto" else auto_dtype(model)
+    quant = _quant_types(model, args)
+    if quant is not None:
+        dtype = args.quant if args.quant else "mixed"
     out = resolve_output(args.output, model.source, dtype)
-    result = compile_gguf(model, out, dtype=dtype, verify=not args.no_verify,
+    result = compile_gguf(model, out, dtype=dtype, verify=not args.no_verify, quant=quant,
                           device=args.device, progress=not args.quiet)
     print(result.summary())
     return 0 if result.passed else 1
@@ -207,6 +216,21 @@ def _prune(model, args, budget: tuple[int, float | None]):
         line += f"; best baseline {best[0]} {best[1]:.4f}"
     print(line + f"; {report['seconds']:.0f} s)")
     return model
+
+
+def _quant_types(model, args):
+    """GGUF tensor name -> ggml type for --quant/--quant-map, or None (plain --dtype export)."""
+    from .passes import quantize
+
+    if args.quant and args.quant_map:
+        raise UserError("give --quant or --quant-map, not both")
+    if args.quant_map:
+        return quantize.from_map(model, Path(args.quant_map))
+    if not args.quant:
+        return None
+    if args.quant == "auto":
+        raise UserError("--quant auto is not available yet; give a type (e.g. q4_k) or --quant-map")
+    return quantize.uniform(model, args.quant)
 
 
 def auto_dtype(model) -> str:

@@ -57,40 +57,56 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def compile_gguf(model: ir.Model, out: Path, dtype: str = "f16", verify: bool = True,
-                 device: str | None = None, progress: bool = True) -> CompileResult:
+                 device: str | None = None, progress: bool = True,
+                 quant: dict | None = None, imatrix: dict | None = None,
+                 extra_report: dict | None = None) -> CompileResult:
+    """Export, verify, rename, report. `quant` (GGUF tensor name -> ggml type) re-quantizes an
+    F32 export with llama.cpp's own quantizer (`dtype` is then ignored), with the optional
+    importance matrix `imatrix` (GGUF name -> per-column importance)."""
     from moecompile.exporters import gguf as gguf_export
+    from moecompile.exporters import gguf_quant
 
     ir.verify(model)
     tmp = _temp_path(out)
+    source = tmp.with_name(tmp.name + ".f32")
     report_path = out.with_suffix(".report.json")
     try:
         try:
-            result = gguf_export.export(model, tmp, dtype=dtype, progress=progress)
+            result = gguf_export.export(model, source if quant else tmp,
+                                        dtype="f32" if quant else dtype, progress=progress)
+            if quant:
+                log.info("quantizing with llama.cpp (%d tensors typed)", len(quant))
+                gguf_quant.quantize_file(source, tmp, quant, imatrix)
+                source.unlink()
         except OSError as exc:
             raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
+        written = gguf_quant.read_tensors(tmp)
         verification = None
         if verify:
             log.info("verifying %s in llama.cpp against the reference executor", out.name)
-            verification = verify_gguf(model, tmp, gguf_export.StoredNumerics(result.tensors),
-                                       device=device)
+            numerics = (gguf_quant.FileNumerics(tmp, result.tensors) if quant
+                        else gguf_export.StoredNumerics(result.tensors))
+            verification = verify_gguf(model, tmp, numerics, device=device)
         final = out if verification is None or verification.passed else out.with_suffix(
             ".FAILED.gguf")
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
     report = {
         "moecompile": __version__,
         "source": model.source,
         "family": model.family,
         "target": "gguf",
         "arch": result.arch,
-        "dtype": dtype,
+        "dtype": "mixed" if quant else dtype,
         "output": str(final),
         "passes": list(model.history),
-        "tensor_bytes": result.tensor_bytes,
+        "tensor_bytes": sum(b for *_, b in written),
         "file_bytes": final.stat().st_size,
-        "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape),
-                     "bytes": t.nbytes} for t in result.tensors],
+        "tensors": [{"name": name, "type": qtype.name, "shape": list(shape), "bytes": nbytes}
+                    for name, shape, qtype, nbytes in written],
+        **(extra_report or {}),
         "verification": verification.to_dict() if verification else None,
     }
     write_json_atomic(report_path, report)
