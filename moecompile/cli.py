@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(chosen per tensor by measured sensitivity; needs --calib and --budget)")
     p.add_argument("--quant-map", metavar="FILE.json",
                    help='per-tensor types: {"GGUF tensor-name regex": "type", ...}, first match wins')
+    p.add_argument("--budget", metavar="SIZE",
+                   help="total runtime memory to fit (weights + KV cache for --ctx + compute "
+                        "buffers), e.g. 24GB, 8GiB, 512MB or bytes")
+    p.add_argument("--ctx", type=int, default=None, help="context length the memory is planned "
+                   "for (default 4096, or the model's context if shorter)")
     p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
     prune = p.add_argument_group("expert pruning")
     prune.add_argument("--experts", type=int, metavar="N",
@@ -124,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
     if args.target != "gguf":
         raise UserError(f"target '{args.target}' is not implemented yet (available: gguf)")
     dtype = args.dtype if args.dtype != "auto" else auto_dtype(model)
-    quant = _quant_types(model, args)
-    if quant is not None:
-        dtype = args.quant if args.quant else "mixed"
-    out = resolve_output(args.output, model.source, dtype)
+    out = resolve_output(args.output, model.source, args.quant or dtype)
+    quant, imatrix, extra = _quant_types(model, args, out)
+    if quant is not None and not args.quant:
+        out = resolve_output(args.output, model.source, "mixed")
     result = compile_gguf(model, out, dtype=dtype, verify=not args.no_verify, quant=quant,
+                          imatrix=imatrix, extra_report=extra,
                           device=args.device, progress=not args.quiet)
     print(result.summary())
     return 0 if result.passed else 1
@@ -140,11 +146,15 @@ def _check_pass_args(args) -> tuple[int, float | None]:
 
     searched = args.experts is not None or (args.top_k is not None and args.topk_method == "search")
     calibrated = searched or args.drop_blocks or args.drop_moe_layers
-    if not calibrated and (args.calib or args.search_budget):
+    if not calibrated and args.quant != "auto" and (args.calib or args.search_budget):
         raise UserError("--calib/--search-budget only apply with --experts, --top-k, "
-                        "--drop-blocks or --drop-moe-layers")
+                        "--drop-blocks, --drop-moe-layers or --quant auto")
     if args.search_budget and not searched:
         raise UserError("--search-budget only applies to --experts or --top-k with search")
+    if args.budget is not None:
+        from .budget import parse_size
+
+        parse_size(args.budget)  # malformed sizes fail before any model is read
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: must be at least 1")
     if args.top_k is not None and args.experts is not None and args.top_k > args.experts:
@@ -218,19 +228,102 @@ def _prune(model, args, budget: tuple[int, float | None]):
     return model
 
 
-def _quant_types(model, args):
-    """GGUF tensor name -> ggml type for --quant/--quant-map, or None (plain --dtype export)."""
+def _quant_types(model, args, out: Path):
+    """(GGUF name -> type or None for a plain --dtype export, imatrix, report entries)."""
+    from .budget import format_size, memory, parse_size
     from .passes import quantize
 
     if args.quant and args.quant_map:
         raise UserError("give --quant or --quant-map, not both")
-    if args.quant_map:
-        return quantize.from_map(model, Path(args.quant_map))
-    if not args.quant:
-        return None
+    if args.ctx is None:
+        args.ctx = min(4096, model.context_length)
+    if args.ctx < 1 or args.ctx > model.context_length:
+        raise UserError(f"--ctx {args.ctx}: must be between 1 and the model's context of "
+                        f"{model.context_length}")
+    budget = parse_size(args.budget) if args.budget else None
+    extra: dict = {"ctx": args.ctx}
+    imatrix = None
     if args.quant == "auto":
-        raise UserError("--quant auto is not available yet; give a type (e.g. q4_k) or --quant-map")
-    return quantize.uniform(model, args.quant)
+        if budget is None or not args.calib:
+            raise UserError("--quant auto needs --budget SIZE and --calib (the data its "
+                            "sensitivity is measured on)")
+        types, imatrix, extra["quant"] = _auto_types(model, args, budget, out)
+    elif args.quant_map:
+        types = quantize.from_map(model, Path(args.quant_map))
+    elif args.quant:
+        types = quantize.uniform(model, args.quant)
+    else:
+        types = None
+    if types is not None:
+        weights = quantize.weight_bytes(model, types)
+    else:
+        from .exporters import gguf as gguf_export
+
+        arch = gguf_export.check_exportable(model)
+        dtype = args.dtype if args.dtype != "auto" else auto_dtype(model)
+        weights = sum(t.nbytes for t in gguf_export.plan(model, dtype, arch))
+    mem = memory(model, weights, args.ctx)
+    extra["memory"] = mem.to_dict()
+    if budget is not None:
+        extra["budget_bytes"] = budget
+        if mem.total_bytes > budget:
+            raise UserError(f"--budget {args.budget}: this configuration needs "
+                            f"{format_size(mem.total_bytes)} (weights "
+                            f"{format_size(mem.weights_bytes)} + KV cache "
+                            f"{format_size(mem.kv_cache_bytes)} for --ctx {args.ctx} + compute "
+                            f"{format_size(mem.compute_bytes)}); try --quant auto")
+    return types, imatrix, extra
+
+
+def _auto_types(model, args, budget: int, out: Path):
+    """--quant auto: measured sensitivity, then the lowest predicted loss that fits."""
+    from .budget import compute_bytes, format_size, kv_cache_bytes
+    from .passes import imatrix as imatrix_pass
+    from .passes import quantize
+    from .passes.calib import build_calib
+    from .runtime.executor import default_device
+
+    fixed = kv_cache_bytes(model, args.ctx) + compute_bytes(model, args.ctx)
+    device = args.device or default_device()
+    calib = build_calib(model, args.calib, args.calib_n)
+    imat, calls = imatrix_pass.collect(model, calib, device)
+    sens = quantize.sensitivity(model, calib, imatrix=imat, device=device,
+                                workdir=out.parent, progress=not args.quiet)
+    try:
+        chosen = quantize.allocate(model, sens, budget - fixed)
+    except quantize.BudgetError as exc:
+        raise UserError(
+            f"--budget {args.budget} is below the smallest reachable size "
+            f"{format_size(exc.smallest_weights + fixed)} (weights at the smallest types "
+            f"{format_size(exc.smallest_weights)} + KV cache and compute for --ctx {args.ctx} "
+            f"{format_size(fixed)}){_prune_hint(model, sens, budget - fixed)}") from None
+    dat = out.with_suffix(".imatrix.dat")
+    imatrix_pass.write_dat(dat, imat, calls)
+    print(f"quant auto: {len(chosen.group_types)} groups, weights "
+          f"{format_size(chosen.weight_bytes)}, predicted KL {chosen.predicted_kl:.4f}; "
+          f"imatrix {dat}")
+    report = {"method": "auto", "calib": args.calib, "predicted_kl": chosen.predicted_kl,
+              "groups": chosen.group_types, "sensitivity": sens, "imatrix_file": str(dat)}
+    return chosen.types, imat, report
+
+
+def _prune_hint(model, sens, weight_budget: int) -> str:
+    """Which --experts N would make the smallest types fit, if any."""
+    from .passes import quantize
+
+    by_group = quantize.groups(model)
+    smallest = {g: min(sum(s.bytes_at(quantize.gq.TYPES[n]) for s in ss) for n in sens[g])
+                for g, ss in by_group.items()}
+    experts = sum(v for g, v in smallest.items() if g.endswith("_exps"))
+    rest = sum(v for g, v in smallest.items() if not g.endswith("_exps")) + sum(
+        s.bytes_at(quantize.Q.F32) for s in quantize.slots(model) if not s.quantizable)
+    n_experts = max(b.ffn.n_experts for b in model.blocks if b.ffn is not None and hasattr(b.ffn, "n_experts"))
+    if experts == 0:
+        return ""
+    fits = int((weight_budget - rest) / (experts / n_experts))
+    if fits >= 1:
+        return f"; pruning to --experts {min(fits, n_experts - 1)} would fit"
+    return "; even one expert per layer would not fit"
 
 
 def auto_dtype(model) -> str:

