@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "buffers), e.g. 24GB, 8GiB, 512MB or bytes")
     p.add_argument("--ctx", type=int, default=None, help="context length the memory is planned "
                    "for (default 4096, or the model's context if shorter)")
+    p.add_argument("--gpu-mem", metavar="SIZE",
+                   help="plan GPU/RAM placement for a GPU of this size (prints a llama-server "
+                        "command line); with --ram")
+    p.add_argument("--ram", metavar="SIZE", help="system RAM available to the offload plan")
     p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
     prune = p.add_argument_group("expert pruning")
     prune.add_argument("--experts", type=int, metavar="N",
@@ -137,7 +141,27 @@ def run(args: argparse.Namespace) -> int:
                           imatrix=imatrix, extra_report=extra,
                           device=args.device, progress=not args.quiet)
     print(result.summary())
+    if args.gpu_mem:
+        _offload(model, args, result)
     return 0 if result.passed else 1
+
+
+def _offload(model, args, result) -> None:
+    from .budget import format_size, parse_size
+    from .compile import write_json_atomic
+    from .passes import offload
+
+    tensors = [(t["name"], t["bytes"]) for t in result.report["tensors"]]
+    ram = parse_size(args.ram, "--ram") if args.ram else 1 << 62
+    p = offload.plan(model, tensors, result.output.name, args.ctx, parse_size(args.gpu_mem,
+                     "--gpu-mem"), ram)
+    print(f"offload plan: GPU {format_size(p.gpu_bytes)} ({len(p.gpu)} tensors + KV cache + "
+          f"compute), RAM {format_size(p.ram_bytes)} ({len(p.cpu)} tensors + compute)")
+    print(f"  {p.command}")
+    print(f"  llama-cpp-python: Llama(model_path=..., n_gpu_layers={p.python_args['n_gpu_layers']}, "
+          f"n_ctx={p.python_args['n_ctx']}): {p.python_note}")
+    result.report["offload"] = p.to_dict()
+    write_json_atomic(result.report_path, result.report)
 
 
 def _check_pass_args(args) -> tuple[int, float | None]:
@@ -151,10 +175,13 @@ def _check_pass_args(args) -> tuple[int, float | None]:
                         "--drop-blocks, --drop-moe-layers or --quant auto")
     if args.search_budget and not searched:
         raise UserError("--search-budget only applies to --experts or --top-k with search")
-    if args.budget is not None:
-        from .budget import parse_size
+    from .budget import parse_size
 
-        parse_size(args.budget)  # malformed sizes fail before any model is read
+    for flag, value in (("--budget", args.budget), ("--gpu-mem", args.gpu_mem), ("--ram", args.ram)):
+        if value is not None:
+            parse_size(value, flag)  # malformed sizes fail before any model is read
+    if args.ram and not args.gpu_mem:
+        raise UserError("--ram only applies with --gpu-mem")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: must be at least 1")
     if args.top_k is not None and args.experts is not None and args.top_k > args.experts:

@@ -82,3 +82,31 @@ def test_budget_below_any_configuration_names_the_smallest(tiny_model, tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and "smallest reachable size" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_offload_plan_fills_the_gpu_by_bytes_read_per_byte(tiny_model):
+    from moecompile.budget import compute_bytes, kv_cache_bytes
+    from moecompile.passes import offload
+
+    model = frontend.load(tiny_model("mixtral", num_hidden_layers=4))
+    names = ["token_embd.weight", "output.weight", "output_norm.weight"]
+    for i in range(4):
+        names += [f"blk.{i}.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                   "attn_norm", "ffn_norm", "ffn_gate_inp",
+                                                   "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+    tensors = [(n, 10_000 if "_exps" in n else 100) for n in names]
+    reserve = kv_cache_bytes(model, 256) + compute_bytes(model, 256)
+    everything = offload.plan(model, tensors, "m.gguf", 256, reserve + 10**6, 10**9)
+    assert everything.cpu == ["token_embd.weight"] and "-ot" not in everything.command
+    assert everything.python_args["n_gpu_layers"] == -1
+    # room for the dense tensors and the experts of the last two layers only
+    dense = sum(b for n, b in tensors if "_exps" not in n and not n.startswith("token_embd"))
+    tight = offload.plan(model, tensors, "m.gguf", 256, reserve + dense + 6 * 10_000 + 50, 10**9)
+    assert tight.n_cpu_moe == 2 and "--n-cpu-moe 2" in tight.command
+    assert all(n in tight.cpu for n in ("blk.0.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"))
+    assert tight.gpu_bytes <= reserve + dense + 6 * 10_000 + 50
+    assert "no tensor overrides" in tight.python_note
+    with pytest.raises(UserError, match="cannot hold"):
+        offload.plan(model, tensors, "m.gguf", 256, reserve - 1, 10**9)
+    with pytest.raises(UserError, match="more than --ram"):
+        offload.plan(model, tensors, "m.gguf", 256, reserve + dense, 1000)
