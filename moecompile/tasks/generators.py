@@ -8,7 +8,7 @@ prompt followed by those of the answer. Training, greedy evaluation and perplexi
 examples therefore all see the same token sequence. Letters and brackets are space-separated
 for the same reason: each becomes its own token instead of an arbitrary BPE merge.
 
-Inputs are kept short (numbers of 2 digits, lists and strings of at most 6 items) so a
+Inputs are kept short (2-digit numbers, lists and strings of at most 6 items) so a
 model of a few million parameters learns every task on a CPU in minutes, but each task needs a
 different skill: carrying (add), comparison (sort), position reversal (rev), an aggregate over
 the whole list (max), a stack (brackets), a memorised lookup table (shift).
@@ -28,10 +28,13 @@ OPEN_CLOSE = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 
 def gen_add(rng: random.Random) -> tuple[str, str]:
-    """Addition of two 2-digit numbers (zero-padded, so digits align by position): needs
-    carries. The sum is written without padding."""
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"add {a:02d}+{b:02d}=", f" {a + b}\n"
+    """Addition of two 2-digit numbers whose sum has two digits, everything zero-padded so
+    digits align by position: needs the carry from the units into the tens. (Sums up to 198
+    need the carry resolved two digits ahead before the first digit is written; the 3-layer
+    model did not learn that within its 30-minute CPU budget in two trial runs.)"""
+    a = rng.randint(0, 99)
+    b = rng.randint(0, 99 - a)
+    return f"add {a:02d}+{b:02d}=", f" {a + b:02d}\n"
 
 
 def gen_sort(rng: random.Random) -> tuple[str, str]:
