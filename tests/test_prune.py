@@ -188,3 +188,23 @@ def test_eep_not_below_the_best_baseline_on_the_bundled_model():
     # the pruned model, run as a model, scores what the search measured
     calib = build_calib(model, "add,sort,rev", 8)
     assert FitnessEvaluator(pruned, calib).fitness({}) == pytest.approx(report["fitness"], abs=1e-5)
+
+
+def test_user_calibration_files_and_top_k_clamp(tiny_model, tmp_path):
+    """A .jsonl scores exact match, a .txt scores agreement with the original (-KL); keeping
+    fewer experts than the top-k clamps it."""
+    model = frontend.load(tiny_model("mixtral"))
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": f"add {a}+1=", "answer": f" {a + 1}\n"})
+                               for a in range(10, 16)))
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(40)))
+    _, by_tasks = prune_experts(model, 3, "eep", str(jsonl), calib_n=6,
+                                config=EEPConfig(evaluations=12, seed=1), progress=False)
+    assert by_tasks["fitness_kind"] == "accuracy" and by_tasks["calib_examples"] == 6
+    pruned, by_text = prune_experts(model, 1, "eep", str(text), calib_n=4,
+                                    config=EEPConfig(evaluations=12, seed=1), progress=False)
+    assert by_text["fitness_kind"] == "neg_kl" and by_text["fitness_unpruned"] == 0.0
+    assert by_text["fitness"] <= 0.0 and by_text["fitness"] >= max(by_text["baseline_fitness"].values())
+    assert by_text["top_k_clamped"] == [2, 1]
+    assert all(b.ffn.top_k == 1 for b in pruned.blocks)

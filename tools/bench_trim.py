@@ -41,8 +41,9 @@ import sys, time, json
 import numpy as np
 from llama_cpp import Llama
 path, prompt_n, decode_n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = Llama(model_path=path, n_ctx=prompt_n + decode_n + 8, n_threads=threads, n_threads_batch=threads,
-            n_batch=prompt_n, logits_all=False, verbose=False)
+n_ctx = prompt_n + decode_n + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+            n_batch=n_ctx, logits_all=False, verbose=False)
 rng = np.random.default_rng(0)
 prompt = [int(t) for t in rng.integers(10, llm.n_vocab() - 10, prompt_n)]
 t0 = time.perf_counter(); llm.eval(prompt); t1 = time.perf_counter()
