@@ -41,9 +41,11 @@ def check_args(args) -> tuple[int, float | None]:
 
     searched = args.experts is not None or (args.top_k is not None and args.topk_method == "search")
     calibrated = searched or args.drop_blocks or args.drop_moe_layers
-    if not calibrated and args.quant != "auto" and (args.calib or args.search_budget):
+    quantized = bool(args.quant or args.quant_map)
+    if not calibrated and not quantized and (args.calib or args.search_budget):
         raise UserError("--calib/--search-budget only apply with --experts, --top-k, "
-                        "--drop-blocks, --drop-moe-layers or --quant auto")
+                        "--drop-blocks, --drop-moe-layers or --quant/--quant-map (importance "
+                        "matrix)")
     if args.search_budget and not searched:
         raise UserError("--search-budget only applies to --experts or --top-k with search")
     from .budget import parse_size
@@ -170,13 +172,18 @@ def quant_types(model, args, out: Path):
                             f"{format_size(mem.weights_bytes)} + KV cache "
                             f"{format_size(mem.kv_cache_bytes)} for --ctx {args.ctx} + compute "
                             f"{format_size(mem.compute_bytes)}); try --quant auto")
-    return types, imatrix, extra
+    if types is not None and args.calib and imatrix is None:
+        imatrix = _imatrix(model, args)
+    if imatrix is None:
+        return types, None, extra
+    _write_imatrix(imatrix, out)
+    extra["imatrix_file"] = str(out.with_suffix(".imatrix.dat"))
+    return types, imatrix[0], extra
 
 
 def _auto_types(model, args, budget: int, out: Path):
     """--quant auto: measured sensitivity, then the lowest predicted loss that fits."""
     from .budget import compute_bytes, format_size, kv_cache_bytes
-    from .passes import imatrix as imatrix_pass
     from .passes import quantize
     from .passes.calib import build_calib
     from .runtime.executor import default_device
@@ -184,8 +191,8 @@ def _auto_types(model, args, budget: int, out: Path):
     fixed = kv_cache_bytes(model, args.ctx) + compute_bytes(model, args.ctx)
     device = args.device or default_device()
     calib = build_calib(model, args.calib, args.calib_n)
-    imat, calls = imatrix_pass.collect(model, calib, device)
-    sens = quantize.sensitivity(model, calib, imatrix=imat, device=device,
+    imat = _imatrix(model, args, calib)
+    sens = quantize.sensitivity(model, calib, imatrix=imat[0], device=device,
                                 workdir=out.parent, progress=not args.quiet)
     try:
         chosen = quantize.allocate(model, sens, budget - fixed)
@@ -195,14 +202,32 @@ def _auto_types(model, args, budget: int, out: Path):
             f"{format_size(exc.smallest_weights + fixed)} (weights at the smallest types "
             f"{format_size(exc.smallest_weights)} + KV cache and compute for --ctx {args.ctx} "
             f"{format_size(fixed)}){_prune_hint(model, sens, budget - fixed)}") from None
-    dat = out.with_suffix(".imatrix.dat")
-    imatrix_pass.write_dat(dat, imat, calls)
     print(f"quant auto: {len(chosen.group_types)} groups, weights "
-          f"{format_size(chosen.weight_bytes)}, predicted KL {chosen.predicted_kl:.4f}; "
-          f"imatrix {dat}")
+          f"{format_size(chosen.weight_bytes)}, predicted KL {chosen.predicted_kl:.4f}")
     report = {"method": "auto", "calib": args.calib, "predicted_kl": chosen.predicted_kl,
-              "groups": chosen.group_types, "sensitivity": sens, "imatrix_file": str(dat)}
+              "groups": chosen.group_types, "sensitivity": sens}
     return chosen.types, imat, report
+
+
+def _imatrix(model, args, calib=None):
+    """The importance matrix of the calibration data (GGUF name -> vector, number of calls)."""
+    from .passes import imatrix as imatrix_pass
+    from .passes.calib import build_calib
+    from .runtime.executor import default_device
+
+    calib = calib or build_calib(model, args.calib, args.calib_n)
+    return imatrix_pass.collect(model, calib, args.device or default_device())
+
+
+def _write_imatrix(imatrix, out: Path) -> None:
+    """Beside the output as OUT.imatrix.dat (llama-imatrix's classic format), once the
+    configuration is known to fit, so a refused request leaves nothing behind."""
+    from .passes import imatrix as imatrix_pass
+
+    values, calls = imatrix
+    dat = out.with_suffix(".imatrix.dat")
+    imatrix_pass.write_dat(dat, values, calls)
+    print(f"importance matrix from {calls} calibration sequences: {dat}")
 
 
 def _prune_hint(model, sens, weight_budget: int) -> str:
