@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="SIZE",
                    help="total runtime memory to fit (weights + KV cache for --ctx + compute "
                         "buffers), e.g. 24GB, 8GiB, 512MB or bytes")
+    p.add_argument("--allow-prune", action="store_true",
+                   help="with --quant auto: when even the smallest types exceed --budget, prune "
+                        "experts (--prune-method, on --calib) until they fit")
     p.add_argument("--ctx", type=int, default=None, help="context length the memory is planned "
                    "for (default 4096, or the model's context if shorter)")
     p.add_argument("--gpu-mem", metavar="SIZE",
@@ -134,7 +137,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"target '{args.target}' is not implemented yet (available: gguf)")
     dtype = args.dtype if args.dtype != "auto" else pipeline.auto_dtype(model)
     out = resolve_output(args.output, model.source, args.quant or dtype)
-    quant, imatrix, extra = pipeline.quant_types(model, args, out)
+    try:
+        quant, imatrix, extra = pipeline.quant_types(model, args, out)
+    except pipeline.NeedsPruning as exc:
+        if not args.allow_prune or exc.experts is None:
+            raise
+        model = pipeline.prune_for_budget(model, args, exc.experts)
+        quant, imatrix, extra = pipeline.quant_types(model, args, out)
     if quant is not None and not args.quant:
         out = resolve_output(args.output, model.source, "mixed")
     result = compile_gguf(model, out, dtype=dtype, verify=not args.no_verify, quant=quant,

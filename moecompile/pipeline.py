@@ -39,7 +39,8 @@ def check_args(args) -> tuple[int, float | None]:
     """Validate the compression flags before any model is read."""
     from .passes.prune import parse_search_budget
 
-    searched = args.experts is not None or (args.top_k is not None and args.topk_method == "search")
+    searched = (args.experts is not None or args.allow_prune
+                or (args.top_k is not None and args.topk_method == "search"))
     calibrated = searched or args.drop_blocks or args.drop_moe_layers
     quantized = bool(args.quant or args.quant_map)
     if not calibrated and not quantized and (args.calib or args.search_budget):
@@ -47,7 +48,8 @@ def check_args(args) -> tuple[int, float | None]:
                         "--drop-blocks, --drop-moe-layers or --quant/--quant-map (importance "
                         "matrix)")
     if args.search_budget and not searched:
-        raise UserError("--search-budget only applies to --experts or --top-k with search")
+        raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
+                        "with search")
     from .budget import parse_size
 
     for flag, value in (("--budget", args.budget), ("--gpu-mem", args.gpu_mem), ("--ram", args.ram)):
@@ -55,6 +57,8 @@ def check_args(args) -> tuple[int, float | None]:
             parse_size(value, flag)  # malformed sizes fail before any model is read
     if args.ram and not args.gpu_mem:
         raise UserError("--ram only applies with --gpu-mem")
+    if args.allow_prune and (args.quant != "auto" or args.experts is not None):
+        raise UserError("--allow-prune applies to --quant auto without --experts")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: must be at least 1")
     if args.top_k is not None and args.experts is not None and args.top_k > args.experts:
@@ -197,11 +201,14 @@ def _auto_types(model, args, budget: int, out: Path):
     try:
         chosen = quantize.allocate(model, sens, budget - fixed)
     except quantize.BudgetError as exc:
-        raise UserError(
+        experts = _experts_that_fit(model, sens, budget - fixed)
+        hint = ("; even one expert per layer would not fit" if experts is None else
+                f"; pruning to --experts {experts} would fit (or add --allow-prune)")
+        raise NeedsPruning(
             f"--budget {args.budget} is below the smallest reachable size "
             f"{format_size(exc.smallest_weights + fixed)} (weights at the smallest types "
             f"{format_size(exc.smallest_weights)} + KV cache and compute for --ctx {args.ctx} "
-            f"{format_size(fixed)}){_prune_hint(model, sens, budget - fixed)}") from None
+            f"{format_size(fixed)}){hint}", experts) from None
     print(f"quant auto: {len(chosen.group_types)} groups, weights "
           f"{format_size(chosen.weight_bytes)}, predicted KL {chosen.predicted_kl:.4f}")
     report = {"method": "auto", "calib": args.calib, "predicted_kl": chosen.predicted_kl,
@@ -230,8 +237,17 @@ def _write_imatrix(imatrix, out: Path) -> None:
     print(f"importance matrix from {calls} calibration sequences: {dat}")
 
 
-def _prune_hint(model, sens, weight_budget: int) -> str:
-    """Which --experts N would make the smallest types fit, if any."""
+class NeedsPruning(UserError):
+    """The budget is reachable only with fewer experts: `experts` per layer (None: not even 1)."""
+
+    def __init__(self, message: str, experts: int | None):
+        super().__init__(message)
+        self.experts = experts
+
+
+def _experts_that_fit(model, sens, weight_budget: int) -> int | None:
+    """The most experts per layer with which the smallest types fit (expert tensors shrink in
+    proportion; everything else stays)."""
     from .passes import quantize
 
     by_group = quantize.groups(model)
@@ -240,10 +256,15 @@ def _prune_hint(model, sens, weight_budget: int) -> str:
     experts = sum(v for g, v in smallest.items() if g.endswith("_exps"))
     rest = sum(v for g, v in smallest.items() if not g.endswith("_exps")) + sum(
         s.bytes_at(quantize.Q.F32) for s in quantize.slots(model) if not s.quantizable)
-    n_experts = max(b.ffn.n_experts for b in model.blocks if b.ffn is not None and hasattr(b.ffn, "n_experts"))
-    if experts == 0:
-        return ""
-    fits = int((weight_budget - rest) / (experts / n_experts))
-    if fits >= 1:
-        return f"; pruning to --experts {min(fits, n_experts - 1)} would fit"
-    return "; even one expert per layer would not fit"
+    n_experts = max(b.ffn.n_experts for b in model.blocks if hasattr(b.ffn, "n_experts"))
+    fits = int((weight_budget - rest) / (experts / n_experts)) if experts else 0
+    return min(fits, n_experts - 1) if fits >= 1 else None
+
+
+def prune_for_budget(model, args, experts: int):
+    """--allow-prune: prune to `experts` per layer with --prune-method on --calib."""
+    from .passes.prune import parse_search_budget
+
+    print(f"--allow-prune: pruning to {experts} experts per layer to meet --budget {args.budget}")
+    args.experts = experts
+    return _prune(model, args, parse_search_budget(args.search_budget))

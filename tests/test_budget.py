@@ -133,3 +133,22 @@ def test_quant_auto_is_closer_to_the_original_than_uniform_q4_k_at_the_same_size
     kl = {p: evaluate(str(p), base=str(BUNDLED), tasks=["add", "sort"], n=16,
                       progress=False)["kl"] for p in (uniform, auto)}
     assert kl[auto] < kl[uniform]
+
+
+def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys):
+    from moecompile.passes import quantize
+
+    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
+    model = frontend.load(folder)
+    smallest = quantize.weight_bytes(model, quantize.uniform(model, "q2_k"))
+    budget = kv_cache_bytes(model, 128) + compute_bytes(model, 128) + int(0.7 * smallest)
+    argv = [str(folder), "-o", str(tmp_path / "p.gguf"), "--quant", "auto", "--budget",
+            str(budget), "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
+            "--no-verify"]
+    assert main(argv) == 2
+    assert "would fit (or add --allow-prune)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main(argv + ["--allow-prune", "--search-budget", "20"]) == 0
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["passes"][0]["pass"] == "prune_experts" and report["passes"][0]["experts"] < 8
+    assert report["memory"]["total_bytes"] <= budget
