@@ -17,26 +17,9 @@ def auto_dtype(model) -> str:
     return "bf16" if model.blocks[0].ffn_norm.dtype == "bf16" or model.embed.dtype == "bf16" else "f16"
 
 
-def offload(model, args, result) -> None:
-    from .budget import format_size, parse_size
-    from .compile import write_json_atomic
-    from .passes import offload
-
-    tensors = [(t["name"], t["bytes"]) for t in result.report["tensors"]]
-    ram = parse_size(args.ram, "--ram") if args.ram else 1 << 62
-    p = offload.plan(model, tensors, result.output.name, args.ctx, parse_size(args.gpu_mem,
-                     "--gpu-mem"), ram)
-    print(f"offload plan: GPU {format_size(p.gpu_bytes)} ({len(p.gpu)} tensors + KV cache + "
-          f"compute), RAM {format_size(p.ram_bytes)} ({len(p.cpu)} tensors + compute)")
-    print(f"  {p.command}")
-    print(f"  llama-cpp-python: Llama(model_path=..., n_gpu_layers={p.python_args['n_gpu_layers']}, "
-          f"n_ctx={p.python_args['n_ctx']}): {p.python_note}")
-    result.report["offload"] = p.to_dict()
-    write_json_atomic(result.report_path, result.report)
-
-
 def check_args(args) -> tuple[int, float | None]:
     """Validate the compression flags before any model is read."""
+    from .budget import parse_size
     from .passes.prune import parse_search_budget
 
     searched = (args.experts is not None or args.allow_prune
@@ -50,8 +33,6 @@ def check_args(args) -> tuple[int, float | None]:
     if args.search_budget and not searched:
         raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
                         "with search")
-    from .budget import parse_size
-
     for flag, value in (("--budget", args.budget), ("--gpu-mem", args.gpu_mem), ("--ram", args.ram)):
         if value is not None:
             parse_size(value, flag)  # malformed sizes fail before any model is read
@@ -268,3 +249,22 @@ def prune_for_budget(model, args, experts: int):
     print(f"--allow-prune: pruning to {experts} experts per layer to meet --budget {args.budget}")
     args.experts = experts
     return _prune(model, args, parse_search_budget(args.search_budget))
+
+
+def offload(model, args, result) -> None:
+    """--gpu-mem: the placement plan for the compiled file, printed and added to the report."""
+    from .budget import format_size, parse_size
+    from .compile import write_json_atomic
+    from .passes import offload
+
+    tensors = [(t["name"], t["bytes"]) for t in result.report["tensors"]]
+    ram = parse_size(args.ram, "--ram") if args.ram else 1 << 62
+    p = offload.plan(model, tensors, result.output.name, args.ctx, parse_size(args.gpu_mem,
+                     "--gpu-mem"), ram)
+    print(f"offload plan: GPU {format_size(p.gpu_bytes)} ({len(p.gpu)} tensors + KV cache + "
+          f"compute), RAM {format_size(p.ram_bytes)} ({len(p.cpu)} tensors + compute)")
+    print(f"  {p.command}")
+    print(f"  llama-cpp-python: Llama(model_path=..., n_gpu_layers={p.python_args['n_gpu_layers']}, "
+          f"n_ctx={p.python_args['n_ctx']}): {p.python_note}")
+    result.report["offload"] = p.to_dict()
+    write_json_atomic(result.report_path, result.report)
