@@ -25,10 +25,10 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moecompile import ir
-from moecompile.runtime.executor import ReferenceExecutor, rms_norm
+from moecompile.runtime.executor import (ReferenceExecutor, combine_experts, select_experts,
+                                         swiglu)
 
 from .calib import CalibSet
 from .expert_plan import LayerPlan, is_one_hot, moe_layers
@@ -95,7 +95,7 @@ class FitnessEvaluator:
             ref = self.reference_logp
             kl = (ref.exp() * (ref - logp)).sum(-1)
             return -float(kl[self.scored].mean())
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = self._logp(logits)
         safe = self.targets.clamp(min=0)
         right = (logits.argmax(-1) == safe) | ~self.scored
         exact = right.all(dim=1).float().mean()
@@ -119,17 +119,11 @@ class FitnessEvaluator:
         self._cache_bytes += size
 
     def _block(self, i: int, h: torch.Tensor, plan: LayerPlan | None) -> torch.Tensor:
-        block, ex, eps = self.model.blocks[i], self.ex, self.model.norm_eps
-        h = h + ex.attention(block.attn, rms_norm(h, ex.w(block.attn_norm), eps), self.mask,
-                             self.positions)
-        if block.ffn is None:
-            return h
-        x = rms_norm(h, ex.w(block.ffn_norm), eps)
-        if not isinstance(block.ffn, ir.MoE):
-            return h + ex.mlp(x, block.ffn.mlp)
+        block, ex = self.model.blocks[i], self.ex
+        h = ex.attention_residual(block, h, self.mask, self.positions)
         if plan is None:
-            return h + ex.moe(block.ffn, x)
-        return h + self._planned_moe(i, block.ffn, x, plan)
+            return ex.ffn_residual(block, h)
+        return h + self._planned_moe(i, block.ffn, ex.ffn_input(block, h), plan)
 
     def _planned_moe(self, i: int, moe: ir.MoE, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         shape = x.shape
@@ -150,23 +144,11 @@ class FitnessEvaluator:
         else:
             rows = torch.tensor(plan.router_rows, device=self.device)
             probs = torch.softmax(x @ router_w[rows].T, dim=-1)
-        k = min(moe.top_k, gate.shape[0])
-        weights, idx = torch.topk(probs, k, dim=-1)
-        if moe.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            xe = x[tok]
-            y = (F.silu(xe @ gate[e].T) * (xe @ up[e].T)) @ down[e].T
-            out.index_add_(0, tok, y * weights[tok, slot, None])
-        if moe.shared is not None:
-            s = moe.shared
-            y = self.ex.mlp(x, s.mlp)
-            if s.gate is not None:
-                y = y * torch.sigmoid(self.ex.linear(x, s.gate))
-            out = out + y
-        return out.reshape(shape)
+        idx, weights = select_experts(probs, min(moe.top_k, gate.shape[0]), moe.norm_topk)
+        out = combine_experts(x, idx, weights,
+                              lambda e, tok: swiglu(x[tok], gate[e], up[e], down[e]))
+        shared = self.ex.shared_expert(moe, x)
+        return (out if shared is None else out + shared).reshape(shape)
 
 
 def _plan_key(plan: LayerPlan | None) -> bytes:

@@ -22,10 +22,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moecompile import ir
-from moecompile.runtime.executor import ReferenceExecutor, rms_norm
+from moecompile.runtime.executor import (ReferenceExecutor, combine_experts, select_experts,
+                                         swiglu)
 
 from .calib import CalibSet
 from .expert_plan import LayerPlan, keep_plan, moe_layers
@@ -52,43 +52,33 @@ def collect_layer_io(model: ir.Model, calib: CalibSet, device: str = "cpu") -> d
     keep = mask.reshape(-1).bool()
     example = torch.arange(calib.n_examples, device=ex.device)[:, None].expand_as(mask).reshape(-1)[keep]
     out: dict[int, LayerIO] = {}
-    eps = model.norm_eps
     for i, block in enumerate(model.blocks):
         if not isinstance(block.ffn, ir.MoE):
             h = ex.block_forward(block, h, attn_mask, positions)
             continue
-        h = h + ex.attention(block.attn, rms_norm(h, ex.w(block.attn_norm), eps), attn_mask, positions)
-        x = rms_norm(h, ex.w(block.ffn_norm), eps)
+        h = ex.attention_residual(block, h, attn_mask, positions)
         moe = block.ffn
-        flat = x.reshape(-1, x.shape[-1])[keep]
-        probs = torch.softmax(ex.linear(flat, moe.router.weight), dim=-1)
-        routed = _mix(ex, moe, flat, probs, list(range(moe.n_experts)))
-        out[i] = LayerIO(flat, routed, probs, example)
-        h = h + ex.moe(moe, x)
+        x = ex.ffn_input(block, h).reshape(-1, h.shape[-1])
+        probs = torch.softmax(ex.linear(x, moe.router.weight), dim=-1)
+        idx, weights = select_experts(probs, moe.top_k, moe.norm_topk)
+        gate, up, down = ex.experts_stacked(moe)
+        routed = combine_experts(x, idx, weights,
+                                 lambda e, rows: swiglu(x[rows], gate[e], up[e], down[e]))
+        out[i] = LayerIO(x[keep], routed[keep], probs[keep], example)
+        shared = ex.shared_expert(moe, x)
+        h = h + (routed if shared is None else routed + shared).reshape(h.shape)
     return out
 
 
-def _mix(ex: ReferenceExecutor, moe: ir.MoE, x: torch.Tensor, probs: torch.Tensor,
-         kept: list[int], expert_out: torch.Tensor | None = None) -> torch.Tensor:
+def _mix(moe: ir.MoE, probs: torch.Tensor, kept: list[int],
+         expert_out: torch.Tensor) -> torch.Tensor:
     """The routed output with only `kept` experts available (the others' logits at -inf, which
-    is the same as slicing their router rows)."""
+    is the same as slicing their router rows); `expert_out` (E, N, D) holds every expert's
+    output on every token."""
     sub = probs[:, kept]
-    sub = sub / sub.sum(-1, keepdim=True)
-    weights, idx = torch.topk(sub, min(moe.top_k, len(kept)), dim=-1)
-    if moe.norm_topk:
-        weights = weights / weights.sum(-1, keepdim=True)
-    out = torch.zeros_like(x)
-    gate, up, down = ex.experts_stacked(moe)
-    for slot_expert in torch.unique(idx).tolist():
-        e = kept[slot_expert]
-        tok, slot = (idx == slot_expert).nonzero(as_tuple=True)
-        if expert_out is not None:
-            y = expert_out[e, tok]
-        else:
-            xe = x[tok]
-            y = (F.silu(xe @ gate[e].T) * (xe @ up[e].T)) @ down[e].T
-        out.index_add_(0, tok, y * weights[tok, slot, None])
-    return out
+    idx, weights = select_experts(sub / sub.sum(-1, keepdim=True), min(moe.top_k, len(kept)),
+                                  moe.norm_topk)
+    return combine_experts(expert_out[0], idx, weights, lambda slot, rows: expert_out[kept[slot], rows])
 
 
 def choose(method: str, model: ir.Model, io: dict[int, LayerIO], n_keep: int,
@@ -133,13 +123,12 @@ def _best_reconstruction(ex: ReferenceExecutor, moe: ir.MoE, io: LayerIO, n_keep
             seen.add(tuple(sorted(rng.sample(range(e), n_keep))))
         subsets = [list(s) for s in sorted(seen)]
     gate, up, down = ex.experts_stacked(moe)
-    x = io.x
     # every expert's output on every token, once (E, N, D)
-    expert_out = torch.stack([(F.silu(x @ gate[j].T) * (x @ up[j].T)) @ down[j].T for j in range(e)])
+    expert_out = torch.stack([swiglu(io.x, gate[j], up[j], down[j]) for j in range(e)])
     n_examples = int(io.example.max()) + 1
     best, best_loss = subsets[0], math.inf
     for kept in subsets:
-        diff = (io.y - _mix(ex, moe, x, io.probs, kept, expert_out)).double()
+        diff = (io.y - _mix(moe, io.probs, kept, expert_out)).double()
         per_example = torch.zeros(n_examples, dtype=torch.float64, device=diff.device)
         per_example.index_add_(0, io.example, diff.pow(2).sum(-1))
         loss = float(per_example.sqrt().sum())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moecompile import ir
 from moecompile.errors import UserError
-from moecompile.runtime.executor import ReferenceExecutor, rms_norm
+from moecompile.runtime.executor import ReferenceExecutor
 
 from .calib import CalibSet, build_calib
 from .fitness import FitnessEvaluator
@@ -39,19 +39,12 @@ def similarities(model: ir.Model, calib: CalibSet, device: str = "cpu") -> tuple
     h, attn_mask, positions = ex.embed(calib.ids.to(ex.device), mask)
     keep = mask.bool()
     block_sim, layer_sim = [], []
-    eps = model.norm_eps
     for block in model.blocks:
         start = h
-        h = h + ex.attention(block.attn, rms_norm(h, ex.w(block.attn_norm), eps), attn_mask, positions)
-        if isinstance(block.ffn, ir.MoE):
-            out = h + ex.moe(block.ffn, rms_norm(h, ex.w(block.ffn_norm), eps))
-            layer_sim.append(float(F.cosine_similarity(h, out, dim=-1)[keep].mean()))
-        elif block.ffn is not None:
-            out = h + ex.mlp(rms_norm(h, ex.w(block.ffn_norm), eps), block.ffn.mlp)
-            layer_sim.append(None)
-        else:
-            out = h
-            layer_sim.append(None)
+        h = ex.attention_residual(block, h, attn_mask, positions)
+        out = ex.ffn_residual(block, h)
+        layer_sim.append(float(F.cosine_similarity(h, out, dim=-1)[keep].mean())
+                         if isinstance(block.ffn, ir.MoE) else None)
         h = out
         block_sim.append(float(F.cosine_similarity(start, h, dim=-1)[keep].mean()))
     return block_sim, layer_sim

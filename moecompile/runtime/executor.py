@@ -106,11 +106,22 @@ class ReferenceExecutor:
                            self.model.lm_head)
 
     def block_forward(self, block: ir.Block, h, mask, positions):
-        eps = self.model.norm_eps
-        h = h + self.attention(block.attn, rms_norm(h, self.w(block.attn_norm), eps), mask, positions)
+        return self.ffn_residual(block, self.attention_residual(block, h, mask, positions))
+
+    def attention_residual(self, block: ir.Block, h, mask, positions):
+        """h + attention(norm(h)): the block's first half."""
+        x = rms_norm(h, self.w(block.attn_norm), self.model.norm_eps)
+        return h + self.attention(block.attn, x, mask, positions)
+
+    def ffn_input(self, block: ir.Block, h):
+        """norm(h): what the block's FFN (dense or MoE) reads."""
+        return rms_norm(h, self.w(block.ffn_norm), self.model.norm_eps)
+
+    def ffn_residual(self, block: ir.Block, h):
+        """h + FFN(norm(h)): the block's second half (h itself where the FFN was dropped)."""
         if block.ffn is None:
             return h
-        x = rms_norm(h, self.w(block.ffn_norm), eps)
+        x = self.ffn_input(block, h)
         if isinstance(block.ffn, ir.MoE):
             return h + self.moe(block.ffn, x)
         return h + self.mlp(x, block.ffn.mlp)
@@ -147,31 +158,54 @@ class ReferenceExecutor:
         probs = torch.softmax(self.linear(x, moe.router.weight), dim=-1)
         if moe.router_map is not None:
             probs = probs @ self.router_map(moe).T
-        weights, idx = torch.topk(probs, moe.top_k, dim=-1)
-        if moe.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return idx, weights
+        return select_experts(probs, moe.top_k, moe.norm_topk)
 
     def moe(self, moe: ir.MoE, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, weights = self.route(moe, x)
         gate, up, down = self.experts_stacked(moe)
-        out = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            y = self.mlp(x[rows], moe.experts[e], gate[e], up[e], down[e])
-            out.index_add_(0, rows, y * weights[rows, slot, None])
-        if moe.shared is not None:
-            s = moe.shared
-            y = self.mlp(x, s.mlp)
-            if s.gate is not None:
-                y = y * torch.sigmoid(self.linear(x, s.gate))
-            out = out + y
-        return out.reshape(shape)
+        out = combine_experts(x, idx, weights, lambda e, rows: self.mlp(
+            x[rows], moe.experts[e], gate[e], up[e], down[e]))
+        shared = self.shared_expert(moe, x)
+        return (out if shared is None else out + shared).reshape(shape)
+
+    def shared_expert(self, moe: ir.MoE, x: torch.Tensor) -> torch.Tensor | None:
+        """The always-on expert's output (None when the MoE has none)."""
+        if moe.shared is None:
+            return None
+        y = self.mlp(x, moe.shared.mlp)
+        if moe.shared.gate is not None:
+            y = y * torch.sigmoid(self.linear(x, moe.shared.gate))
+        return y
 
 
 # ---------------------------------------------------------------------- building blocks
+
+
+def select_experts(probs: torch.Tensor, k: int, renormalise: bool):
+    """(ids, weights) of the k most probable experts per token, renormalised to sum 1 when the
+    family does so."""
+    weights, idx = torch.topk(probs, k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return idx, weights
+
+
+def combine_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                    expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum over each token's selected experts of weight * expert output, computed expert by
+    expert on the tokens routed to it; `expert(e, rows)` is expert e's output on x[rows]."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(idx).tolist():
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        out.index_add_(0, rows, expert(e, rows) * weights[rows, slot, None])
+    return out
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) on plain weight tensors (no kernel-input rounding)."""
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
