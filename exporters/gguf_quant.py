@@ -147,31 +147,8 @@ def _worker() -> int:
     return 0 if rc == 0 else 1
 
 
-if __name__ == "__main__":
-    sys.exit(_worker())
-
 
 # ------------------------------------------------------------------------- verification numerics
-
-# ggml type_traits vec_dot_type: the type llama.cpp's CPU kernels round a matmul's input to
-_KERNEL_INPUT = {Q.Q8_0: Q.Q8_0, Q.Q4_0: Q.Q8_0, Q.Q5_0: Q.Q8_0, Q.Q4_1: Q.Q8_0, Q.Q5_1: Q.Q8_0,
-                 Q.IQ4_NL: Q.Q8_0, Q.Q2_K: Q.Q8_K, Q.Q3_K: Q.Q8_K, Q.Q4_K: Q.Q8_K,
-                 Q.Q5_K: Q.Q8_K, Q.Q6_K: Q.Q8_K, Q.IQ4_XS: Q.Q8_K, Q.F16: Q.F16, Q.BF16: Q.BF16}
-
-
-def round_q8_k(x: np.ndarray) -> np.ndarray:
-    """Values after ggml's quantize_row_q8_K_ref (blocks of 256, scale from the value of largest
-    magnitude, round half to even). Q4_0/Q5_x inputs use Q8_0/Q8_1, whose values equal Q8_0's."""
-    shape = x.shape
-    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 256)
-    pick = np.abs(blocks).argmax(axis=1)
-    peak = blocks[np.arange(len(blocks)), pick]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iscale = np.where(peak == 0, 0, np.float32(-127.0) / peak).astype(np.float32)
-        q = np.minimum(np.rint(iscale[:, None] * blocks), 127)
-        out = np.where(peak[:, None] == 0, 0, q * (np.float32(1.0) / iscale)[:, None])
-    return out.astype(np.float32).reshape(shape)
-
 
 class FileNumerics:
     """The numbers a quantized GGUF computes with: every weight dequantized from the file's own
@@ -179,9 +156,11 @@ class FileNumerics:
     for that weight type rounds it. Plugs into the reference executor like StoredNumerics."""
 
     def __init__(self, path: Path, planned: list):
-        from moecompile.exporters.gguf import roundtrip
+        # imported here, not at the top: the quantizer's worker process loads this module and
+        # needs no torch
+        from moecompile.exporters.gguf import kernel_input
 
-        self._roundtrip = roundtrip
+        self.input_rounding = kernel_input
         reader = gguf.GGUFReader(str(path))
         data = {t.name: t for t in reader.tensors}
         self.values: dict[int, np.ndarray] = {}
@@ -206,14 +185,7 @@ class FileNumerics:
         return t.value().to(torch.float32) if hit is None else torch.from_numpy(hit)
 
     def input(self, weight, x):
-        import torch
-
-        kernel = _KERNEL_INPUT.get(self.types.get(id(weight)))
-        if kernel is None or x.numel() == 0:
-            return x
-        array = x.detach().cpu().numpy()
-        rounded = round_q8_k(array) if kernel == Q.Q8_K else self._roundtrip(array, kernel)
-        return torch.from_numpy(rounded).to(x.device)
+        return self.input_rounding(self.types.get(id(weight)), x)
 
 
 def _undo(transform, value: np.ndarray) -> np.ndarray:
@@ -227,3 +199,7 @@ def _undo(transform, value: np.ndarray) -> np.ndarray:
     out = np.empty_like(value)
     out[order] = value
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())

@@ -80,7 +80,9 @@ def compile_gguf(model: ir.Model, out: Path, dtype: str = "f16", verify: bool = 
                 source.unlink()
         except OSError as exc:
             raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
-        written = gguf_quant.read_tensors(tmp)
+        # what the file holds: llama.cpp's quantizer chose the final types, our exporter knows its own
+        written = (gguf_quant.read_tensors(tmp) if quant else
+                   [(t.name, t.shape, t.qtype, t.nbytes) for t in result.tensors])
         verification = None
         if verify:
             log.info("verifying %s in llama.cpp against the reference executor", out.name)

@@ -231,12 +231,11 @@ def _experts_that_fit(model, sens, weight_budget: int) -> int | None:
     proportion; everything else stays)."""
     from .passes import quantize
 
-    by_group = quantize.groups(model)
-    smallest = {g: min(sum(s.bytes_at(quantize.gq.TYPES[n]) for s in ss) for n in sens[g])
-                for g, ss in by_group.items()}
+    smallest = {g: min(quantize.group_bytes(ss, n) for n in sens[g])
+                for g, ss in quantize.groups(model).items()}
     experts = sum(v for g, v in smallest.items() if g.endswith("_exps"))
-    rest = sum(v for g, v in smallest.items() if not g.endswith("_exps")) + sum(
-        s.bytes_at(quantize.Q.F32) for s in quantize.slots(model) if not s.quantizable)
+    rest = sum(v for g, v in smallest.items() if not g.endswith("_exps"))
+    rest += quantize.unquantized_bytes(model)
     n_experts = max(b.ffn.n_experts for b in model.blocks if hasattr(b.ffn, "n_experts"))
     fits = int((weight_budget - rest) / (experts / n_experts)) if experts else 0
     return min(fits, n_experts - 1) if fits >= 1 else None

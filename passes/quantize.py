@@ -103,6 +103,15 @@ def group_of(name: str) -> str:
     return f"blk.{layer}.{kind}"
 
 
+def group_bytes(group: list[Slot], type_name: str) -> int:
+    return sum(s.bytes_at(gq.TYPES[type_name]) for s in group)
+
+
+def unquantized_bytes(model: ir.Model) -> int:
+    """Routers, norms, biases: F32 whatever the types chosen."""
+    return sum(s.bytes_at(Q.F32) for s in slots(model) if not s.quantizable)
+
+
 def groups(model: ir.Model) -> dict[str, list[Slot]]:
     out: dict[str, list[Slot]] = {}
     for s in slots(model):
@@ -172,10 +181,10 @@ def allocate(model: ir.Model, sens: dict[str, dict[str, float]], weight_budget: 
     groups add up, the usual first-order assumption). Raises UserError when even the smallest
     types do not fit, naming that size."""
     by_group = groups(model)
-    fixed = sum(s.bytes_at(Q.F32) for s in slots(model) if not s.quantizable)
+    fixed = unquantized_bytes(model)
 
     def size(g: str, name: str) -> int:
-        return sum(s.bytes_at(gq.TYPES[name]) for s in by_group[g])
+        return group_bytes(by_group[g], name)
 
     # per group: one option per distinct size (the lower-loss type where llama.cpp's fallback
     # makes two types the same size), biggest first; start from the lowest-loss option
