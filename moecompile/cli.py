@@ -22,9 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moecompile",
         description="Compile a Hugging Face Mixture-of-Experts checkpoint into a verified "
-                    "GGUF file for llama.cpp.")
+                    "GGUF file for llama.cpp or ONNX model for ONNX Runtime.")
     p.add_argument("model", help="Hugging Face checkpoint folder (config.json + safetensors)")
-    p.add_argument("--target", choices=["gguf", "onnx"], default="gguf")
+    p.add_argument("--target", choices=["gguf", "onnx"], default="gguf",
+                   help="gguf (llama.cpp, default) or onnx (ONNX Runtime: OUT.onnx, plus "
+                        "OUT.onnx.data past 1.8 GB, genai_config.json and tokenizer files)")
+    p.add_argument("--onnx-moe", choices=["auto", "ort", "portable"], default="auto",
+                   help="MoE lowering for --target onnx: ort (ONNX Runtime's fused MoE/QMoE "
+                        "kernels), portable (standard ONNX ops), auto (default: ort if it "
+                        "verifies, else portable)")
     p.add_argument("-o", "--output", help="output file, or a folder (ending in /) to write into")
     p.add_argument("--dtype", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
                    help="weight type of the export; auto (default) keeps a bf16 source in bf16 "
@@ -32,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", metavar="TYPE|auto",
                    help="weight types through llama.cpp's quantizer: one type for every weight "
                         "(q8_0, q6_k, q5_k, q4_k, iq4_xs, q3_k, q2_k, f16, bf16) or auto "
-                        "(chosen per tensor by measured sensitivity; needs --calib and --budget)")
+                        "(chosen per tensor by measured sensitivity; needs --calib and --budget). "
+                        "--target onnx: int8 or int4 (blocks of 32)")
     p.add_argument("--quant-map", metavar="FILE.json",
-                   help='per-tensor types: {"GGUF tensor-name regex": "type", ...}, first match wins')
+                   help='per-tensor types: {"GGUF tensor-name regex": "type", ...}, first match '
+                        'wins; for --target onnx the names are IR paths (per expert) and the '
+                        'types int8, int4, f32')
     p.add_argument("--budget", metavar="SIZE",
                    help="total runtime memory to fit (weights + KV cache for --ctx + compute "
                         "buffers), e.g. 24GB, 8GiB, 512MB or bytes")
@@ -120,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import frontend, pipeline
+    from . import frontend, pipeline, target_onnx
     from .compile import compile_gguf
     from .ir import format_ir
 
     budget = pipeline.check_args(args)
+    if args.target == "onnx":
+        target_onnx.check_args(args)
     model = frontend.load(args.model)
     model = pipeline.apply_passes(model, args, budget)
     if args.print_ir:
@@ -133,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if not args.output:
         raise UserError("no output given: use -o OUT.gguf (or --print-ir to inspect the model)")
-    if args.target != "gguf":
-        raise UserError(f"target '{args.target}' is not implemented yet (available: gguf)")
+    if args.target == "onnx":
+        out = resolve_output(args.output, model.source, args.quant or "f32", ".onnx")
+        result = target_onnx.compile_model(model, args, out)
+        print(result.summary())
+        return 0 if result.passed else 1
     dtype = args.dtype if args.dtype != "auto" else pipeline.auto_dtype(model)
     out = resolve_output(args.output, model.source, args.quant or dtype)
     try:
@@ -155,15 +169,16 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def resolve_output(output: str, source: str, dtype: str) -> Path:
-    """OUT.gguf as given, or DIR/<model>-<dtype>.gguf for a folder; check it can be written."""
+def resolve_output(output: str, source: str, dtype: str, suffix: str = ".gguf") -> Path:
+    """OUT.gguf as given, or DIR/<model>-<dtype>.gguf for a folder (.onnx for --target onnx);
+    check it can be written."""
     out = Path(output)
     if output.endswith(("/", "\\")) or out.is_dir():
         if not out.exists() and out.parent.is_dir():
             out.mkdir()  # `-o out/` names a folder to write into: create one level, like cp
-        out = out / f"{Path(source).name}-{dtype}.gguf"
-    if out.suffix != ".gguf":
-        raise UserError(f"{out}: output for --target gguf must end in .gguf")
+        out = out / f"{Path(source).name}-{dtype}{suffix}"
+    if out.suffix != suffix:
+        raise UserError(f"{out}: output for --target {suffix[1:]} must end in {suffix}")
     parent = out.parent
     if not parent.exists():
         raise UserError(f"{out}: output folder {parent} does not exist")

@@ -112,3 +112,35 @@ def verify_gguf(model: ir.Model, gguf_path: Path, numerics, device: str | None =
     floating = same if numerics.exact else ReferenceExecutor(model, device).logits(tokens)
     return compare("llama.cpp", got, same[0].cpu().numpy(), floating[0].cpu().numpy(),
                    numerics.exact)
+
+
+CACHED_STEPS = 4  # tokens re-run one at a time through the KV cache during verification
+
+
+def verify_onnx(model: ir.Model, onnx_path: Path, numerics, device: str | None = None) -> VerifyResult:
+    """Run `onnx_path` in ONNX Runtime and compare with the reference on `numerics`
+    (exporters.onnx.OnnxNumerics). The last CACHED_STEPS tokens are also decoded one at a time
+    through the KV cache; their logits must match the full pass, so a broken cache fails too."""
+    from .runtime.onnx_runner import OnnxDecoder
+
+    ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
+    decoder = OnnxDecoder(onnx_path, device)
+    got = decoder.sequence_logits(ids)
+    cut = len(ids) - CACHED_STEPS
+    prefix = np.asarray([ids[:cut]], dtype=np.int64)
+    _, cache = decoder.step(prefix, np.ones_like(prefix), decoder.empty_cache(1))
+    stepped = []
+    for t in range(cut, len(ids)):
+        logits, cache = decoder.step(np.asarray([[ids[t]]]), np.ones((1, t + 1), np.int64), cache)
+        stepped.append(logits[0, -1])
+    scale = max(1.0, float(np.abs(got).max()))
+    cache_diff = float(np.abs(np.stack(stepped) - got[cut:]).max())
+    if cache_diff > 1e-3 * scale:
+        raise VerificationError(f"{onnx_path.name}: logits through the KV cache differ from the "
+                                f"full pass by {cache_diff:.3g}")
+    tokens = torch.tensor([ids])
+    same = ReferenceExecutor(model, device, numerics.weight, numerics.input).logits(tokens)
+    floating = same if numerics.exact else ReferenceExecutor(model, device).logits(tokens)
+    provider = decoder.session.get_providers()[0].replace("ExecutionProvider", "")
+    return compare(f"onnxruntime ({provider})", got, same[0].cpu().numpy(),
+                   floating[0].cpu().numpy(), numerics.exact)

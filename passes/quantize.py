@@ -47,9 +47,9 @@ def uniform(model: ir.Model, type_name: str) -> dict[str, Q]:
     return {s.name: qtype for s in slots(model) if s.quantizable}
 
 
-def from_map(model: ir.Model, path: Path) -> dict[str, Q]:
-    """A user's map: {"regex": "type", ...} over GGUF tensor names; the first match wins, as in
-    llama-quantize's --tensor-type. Every quantizable tensor must be matched."""
+def read_rules(path: Path, parse_type) -> list[tuple[re.Pattern, object]]:
+    """A user's type map {"regex": "type", ...} as (compiled regex, parse_type(type)) rules in
+    file order; UserError naming the file and the problem otherwise."""
     try:
         mapping = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -61,22 +61,32 @@ def from_map(model: ir.Model, path: Path) -> dict[str, Q]:
     rules = []
     for pattern, type_name in mapping.items():
         try:
-            rules.append((re.compile(pattern), gq.parse_type(str(type_name))))
+            rules.append((re.compile(pattern), parse_type(str(type_name))))
         except re.error as exc:
             raise UserError(f"--quant-map {path}: bad pattern {pattern!r} ({exc})") from None
+    return rules
+
+
+def match_rules(path: Path, rules, names: list[str]) -> dict[str, object]:
+    """name -> the type of the first rule matching it; every name must be matched."""
     out, unmatched = {}, []
-    for s in slots(model):
-        if not s.quantizable:
-            continue
-        hit = next((q for rx, q in rules if rx.search(s.name)), None)
+    for name in names:
+        hit = next((q for rx, q in rules if rx.search(name)), None)
         if hit is None:
-            unmatched.append(s.name)
+            unmatched.append(name)
         else:
-            out[s.name] = hit
+            out[name] = hit
     if unmatched:
         raise UserError(f"--quant-map {path}: no rule for {', '.join(unmatched[:3])}"
                         + (f" and {len(unmatched) - 3} more" if len(unmatched) > 3 else ""))
     return out
+
+
+def from_map(model: ir.Model, path: Path) -> dict[str, Q]:
+    """A user's map: {"regex": "type", ...} over GGUF tensor names; the first match wins, as in
+    llama-quantize's --tensor-type. Every quantizable tensor must be matched."""
+    rules = read_rules(path, gq.parse_type)
+    return match_rules(path, rules, [s.name for s in slots(model) if s.quantizable])
 
 
 def weight_bytes(model: ir.Model, types: dict[str, Q]) -> int:

@@ -2,8 +2,9 @@
 
     python tools/eval.py MODEL [--base BASE] [--tasks add,sort,...|all] [--ppl] [--n N] [--json OUT]
 
-MODEL and BASE are each a Hugging Face folder (run in transformers) or a .gguf file (run in
-llama.cpp). Exit code 2 with one line on bad input.
+MODEL and BASE are each a Hugging Face folder (run in transformers), a .gguf file (run in
+llama.cpp) or an .onnx file written by moecompile (run in ONNX Runtime, with the tokenizer beside
+it). Exit code 2 with one line on bad input.
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 A Hugging Face folder runs in transformers (the model as its authors define it); a `.gguf`
 runs in llama.cpp through llama-cpp-python, with its own tokenizer, exactly as a user would run
-it. Both give: tokenization, full-sequence logits and greedy completion.
+it; an `.onnx` runs in ONNX Runtime with the tokenizer files and genai_config.json moecompile
+writes beside it, generating through its KV cache. Each gives: tokenization, full-sequence
+logits and greedy completion.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -158,12 +161,41 @@ class GGUFBackend(Backend):
         return out
 
 
+class ONNXBackend(Backend):
+    def __init__(self, file: Path, device: str = "cpu"):
+        from transformers import AutoTokenizer
+
+        from ..runtime.onnx_runner import OnnxDecoder
+
+        config_file = file.parent / "genai_config.json"
+        if not (file.parent / "tokenizer.json").exists() or not config_file.exists():
+            raise UserError(f"{file}: no tokenizer.json/genai_config.json beside it (moecompile "
+                            "writes them with the model)")
+        config = json.loads(config_file.read_text())["model"]
+        self.name = str(file)
+        self.decoder = OnnxDecoder(file, device)
+        self.tok = AutoTokenizer.from_pretrained(str(file.parent))
+        self.vocab = self.decoder.vocab
+        self.context = config["context_length"]
+        self.eos = config["eos_token_id"]
+        self.pad = config["pad_token_id"]
+
+    encode = HFBackend.encode
+    decode = HFBackend.decode
+
+    def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
+        return [self.decoder.sequence_logits(seq) for seq in batch]
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        return self.decoder.greedy(prompts, max_new, self.eos, self.pad)
+
+
 def _until_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
 
 
 def open_backend(path: str | Path, device: str = "cpu") -> Backend:
-    """A backend for a HF checkpoint folder or a .gguf file."""
+    """A backend for a HF checkpoint folder, a .gguf or an .onnx file."""
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -171,6 +203,6 @@ def open_backend(path: str | Path, device: str = "cpu") -> Backend:
         return HFBackend(path, device)
     if path.suffix == ".gguf" and path.is_file():
         return GGUFBackend(path)
-    if path.suffix == ".onnx":
-        raise UserError(f"{path}: ONNX evaluation is not available yet")
-    raise UserError(f"{path}: expected a Hugging Face folder or a .gguf file")
+    if path.suffix == ".onnx" and path.is_file():
+        return ONNXBackend(path, device)
+    raise UserError(f"{path}: expected a Hugging Face folder, a .gguf or an .onnx file")
