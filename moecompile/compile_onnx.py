@@ -36,7 +36,7 @@ def compile_onnx(model: ir.Model, out: Path, moe: str = "auto", quant: dict[int,
     onnx_export.check_exportable(model)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     report_path = out.with_suffix(".report.json")
-    tries = ["ort", "portable"] if moe == "auto" else [moe]
+    tries = _lowerings(moe, verify)
     kwargs = {} if external_at is None else {"external_at": external_at}
     attempts: list[dict] = []
     try:
@@ -89,6 +89,19 @@ def compile_onnx(model: ir.Model, out: Path, moe: str = "auto", quant: dict[int,
     }
     write_json_atomic(report_path, report)
     return CompileResult(final, report_path, report, verification)
+
+
+def _lowerings(moe: str, verify: bool) -> list[str]:
+    """The forms to try in order. Unverified, auto takes the fused kernels only where they are
+    known to be right: ORT ≥ 1.24 (1.23's CPU QMoE gave wrong 4-bit results)."""
+    if moe != "auto":
+        return [moe]
+    if verify:
+        return ["ort", "portable"]
+    import onnxruntime
+
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
+    return ["ort"] if version >= (1, 24) else ["portable"]
 
 
 def _move_into_place(tmp: Path, staged: Path, data: Path | None, final: Path) -> list[Path]:

@@ -1,0 +1,204 @@
+"""--target onnx end to end: IR → ONNX → real onnxruntime, against the reference executor and
+transformers, both MoE lowerings, quantized weights, KV cache, external data, compressed models."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from builders import ARCHS
+from moecompile import frontend
+from moecompile.cli import main
+from moecompile.compile_onnx import compile_onnx
+from moecompile.exporters import onnx as onnx_export
+from moecompile.runtime import ReferenceExecutor
+from moecompile.runtime.onnx_runner import OnnxDecoder
+from moecompile.target_onnx import linear_weights
+from moecompile.verify import compare, fixed_tokens
+
+# expert widths that fill 32-wide blocks, so every expert tensor can be quantized (and QMoE used)
+BLOCK_DIMS = {"mixtral": {"intermediate_size": 64}, "olmoe": {"intermediate_size": 64},
+              "qwen2_moe": {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 96},
+              "qwen3_moe": {"moe_intermediate_size": 64}}
+
+
+def reference(model, ids, numerics=None):
+    ex = (ReferenceExecutor(model, "cpu") if numerics is None else
+          ReferenceExecutor(model, "cpu", numerics.weight, numerics.input))
+    return ex.logits(torch.tensor([ids]))[0].numpy()
+
+
+@pytest.mark.parametrize("moe", onnx_export.MOE_LOWERINGS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_matches_reference_and_transformers(tiny_model, tmp_path, arch, moe):
+    folder = tiny_model(arch)
+    model = frontend.load(folder)
+    result = onnx_export.export(model, tmp_path / "m.onnx", moe=moe, progress=False)
+    assert set(result.lowering.values()) == {moe}
+    ids = fixed_tokens(model.vocab, 48)
+    got = OnnxDecoder(result.path).sequence_logits(ids)
+    ref = reference(model, ids)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert np.abs(got - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("moe", onnx_export.MOE_LOWERINGS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_matches_reference_on_the_same_weights(tiny_model, tmp_path, arch, moe, kind):
+    """Against the reference on the dequantized weights and int8-rounded activations ORT uses;
+    the float model is far away (random weights are loud), the same numerics are not."""
+    model = frontend.load(tiny_model(arch, **BLOCK_DIMS[arch]))
+    quant = {k: kind for k in linear_weights(model)}
+    result = onnx_export.export(model, tmp_path / "q.onnx", moe=moe, quant=quant, progress=False)
+    assert set(result.lowering.values()) == {moe}  # every expert fills whole blocks
+    ids = fixed_tokens(model.vocab, 48)
+    got = OnnxDecoder(result.path).sequence_logits(ids)
+    same, floating = reference(model, ids, result.numerics), reference(model, ids)
+    assert compare("onnxruntime", got, same, floating, exact=False).passed
+    assert np.abs(got - same).mean() < np.abs(got - floating).mean() / 3
+
+
+def test_kv_cache_generation_equals_recomputation(tiny_model, tmp_path):
+    model = frontend.load(tiny_model("qwen3_moe"))
+    path = onnx_export.export(model, tmp_path / "m.onnx", moe="portable", progress=False).path
+    decoder = OnnxDecoder(path)
+    prompts = [fixed_tokens(model.vocab, 7, seed=1), fixed_tokens(model.vocab, 3, seed=2)]
+    cached = decoder.greedy(prompts, max_new=12)
+    for prompt, got in zip(prompts, cached):
+        seq = list(prompt)
+        for _ in range(12):  # no cache: the whole sequence again at every step
+            seq.append(int(decoder.sequence_logits(seq)[-1].argmax()))
+        assert got == seq[len(prompt):]
+    assert all(len(g) == 12 for g in cached)
+
+
+def test_cli_compiles_verifies_and_writes_side_files(tiny_model, tmp_path):
+    folder = tiny_model("mixtral")
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), "--target", "onnx", "-o", str(out), "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["top1_agreement"] == 1.0
+    assert report["moe_lowering"] == {"0": "ort", "1": "ort"}  # the fused form verifies here
+    config = json.loads((tmp_path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "m.onnx"
+    assert (tmp_path / "tokenizer.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "genai_config.json", "m.onnx", "m.report.json", "tokenizer.json", "tokenizer_config.json"]
+    proto = onnx.load(str(out), load_external_data=False)
+    assert proto.ir_version == 10 and {o.version for o in proto.opset_import} == {21, 1}
+    names = [i.name for i in proto.graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.1.value" in names
+    assert [o.name for o in proto.graph.output][:2] == ["logits", "present.0.key"]
+
+
+def test_external_data_saves_and_loads_by_path(tiny_model, tmp_path):
+    folder = tiny_model("olmoe")
+    model = frontend.load(folder)
+    out = tmp_path / "big.onnx"
+    result = compile_onnx(model, out, moe="portable", progress=False, external_at=0)
+    data = tmp_path / "big.onnx.data"
+    assert result.passed and data.exists()
+    assert out.stat().st_size < 200_000 < data.stat().st_size  # weights outside the proto
+    proto = onnx.load(str(out), load_external_data=False)
+    outside = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert outside and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0
+                           for t in outside)
+    ids = fixed_tokens(model.vocab, 32)
+    inline = onnx_export.export(model, tmp_path / "inline.onnx", moe="portable", progress=False)
+    assert inline.data_path is None
+    np.testing.assert_array_equal(OnnxDecoder(out).sequence_logits(ids),
+                                  OnnxDecoder(inline.path).sequence_logits(ids))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_pruned_topk_reduced_quantized_model_exports_and_verifies(tiny_model, tmp_path):
+    folder = tiny_model("mixtral", **BLOCK_DIMS["mixtral"])
+    out = tmp_path / "small.onnx"
+    rc = main([str(folder), "--target", "onnx", "-o", str(out), "--experts", "4", "--top-k", "1",
+               "--quant", "int4", "--calib", "add,rev", "--calib-n", "4", "--search-budget", "20",
+               "--quiet"])
+    assert rc == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert [p["pass"] for p in report["passes"]][:2] == ["prune_experts", "top_k"]
+    assert report["verification"]["passed"]
+    proto = onnx.load(str(out))
+    fc = [t for t in proto.graph.initializer if t.name.endswith("fc1.q")]
+    assert fc and all(t.dims[0] == 4 for t in fc)  # four experts left in the fused tensors
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_exact_eep_router_exports_exactly(tiny_model, tmp_path, arch):
+    """EEP's exact router (softmax → mapping matrix → top-k), which GGUF must refuse, runs here:
+    a merged expert set with a continuous router map, F32, matches the reference exactly."""
+    from moecompile.passes.expert_plan import LayerPlan, apply_plans
+
+    model = frontend.load(tiny_model(arch))
+    rng = np.random.default_rng(0)
+    n = model.blocks[0].ffn.n_experts
+    plans = {}
+    for layer in range(len(model.blocks)):
+        router = rng.dirichlet(np.ones(n), size=3)  # 3 new experts, each a mix of router rows
+        merge = np.eye(n)[[0, 2, 3]] * 0.7 + np.eye(n)[[1, 1, 0]] * 0.3
+        plans[layer] = LayerPlan(merge, router)
+    exact = apply_plans(model, plans, router_mode="exact")
+    assert all(b.ffn.router_map is not None for b in exact.blocks)
+    result = compile_onnx(exact, tmp_path / "e.onnx", moe="ort", progress=False)
+    assert result.passed and result.verification.top1_agreement == 1.0
+    assert set(result.report["moe_lowering"].values()) == {"portable"}  # the map needs it
+
+
+def test_dropped_moe_layer_exports(tiny_model, tmp_path):
+    folder = tiny_model("olmoe")
+    out = tmp_path / "d.onnx"
+    assert main([str(folder), "--target", "onnx", "-o", str(out), "--drop-moe-layers", "1",
+                 "--calib", "add,rev", "--calib-n", "4", "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["passes"][0]["pass"] == "drop_moe_layers" and report["verification"]["passed"]
+    assert len(report["moe_lowering"]) == 1  # one block kept its MoE, one has attention only
+
+
+def test_per_expert_precision(tiny_model, tmp_path):
+    """A map gives one expert int8 and the rest int4: the layer keeps the portable lowering
+    (QMoE has one precision per layer), verified on the same numerics."""
+    folder = tiny_model("olmoe", **BLOCK_DIMS["olmoe"])
+    qmap = tmp_path / "map.json"
+    qmap.write_text(json.dumps({r"blocks\.0\.ffn\.experts\.3\.": "int8", r"\.experts\.": "int4",
+                                ".": "f32"}))
+    out = tmp_path / "mixed.onnx"
+    assert main([str(folder), "--target", "onnx", "-o", str(out), "--quant-map", str(qmap),
+                 "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    quantized = report["weights"]["quantized"]
+    assert quantized["blocks.0.ffn.experts.3.down"] == "int8"
+    assert quantized["blocks.0.ffn.experts.2.down"] == "int4"
+    assert "blocks.0.attn.q" not in quantized
+    assert report["moe_lowering"] == {"0": "portable", "1": "ort"}
+    assert report["verification"]["passed"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--quant", "q4_k"], "--target onnx takes int8 or int4"),
+    (["--budget", "1GB"], "--budget plans memory for llama.cpp"),
+    (["--dtype", "f16"], "writes float32 weights"),
+    (["-o", "x.gguf"], "must end in .onnx"),
+])
+def test_onnx_flag_errors_exit_2(tiny_model, tmp_path, capsys, extra, message):
+    folder = tiny_model("mixtral")
+    argv = [str(folder), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--quiet", *extra]
+    if extra[0] == "-o":
+        argv[4] = str(tmp_path / extra[1])
+        argv = argv[:-2]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
