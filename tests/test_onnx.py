@@ -202,3 +202,26 @@ def test_onnx_flag_errors_exit_2(tiny_model, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("moe", onnx_export.MOE_LOWERINGS)
+def test_onnxruntime_genai_drives_the_export(tiny_model, tmp_path, moe):
+    """onnxruntime-genai, reading only the genai_config.json written beside the model, generates
+    the same greedy tokens as our own cached loop."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = tiny_model("qwen3_moe")
+    out = tmp_path / "g.onnx"
+    assert main([str(folder), "--target", "onnx", "--onnx-moe", moe, "-o", str(out), "--quiet"]) == 0
+    eos = json.loads((tmp_path / "genai_config.json").read_text())["model"]["eos_token_id"]
+    prompt = fixed_tokens(200, 6, seed=3)
+    model = og.Model(str(tmp_path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = OnnxDecoder(out).greedy([prompt], 16, eos=eos)[0]
+    assert len(ours) >= 4 and theirs[:len(ours)] == ours
