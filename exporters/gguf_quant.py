@@ -28,7 +28,7 @@ Q = gguf.GGMLQuantizationType
 # the types a user picks (name -> ggml type), best first
 TYPES: dict[str, Q] = {
     "f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k": Q.Q5_K,
-    "q4_k": Q.Q4_K, "iq4_xs": Q.IQ4_XS, "q3_k": Q.Q3_K, "q2_k": Q.Q2_K,
+    "q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "iq4_xs": Q.IQ4_XS, "q3_k": Q.Q3_K, "q2_k": Q.Q2_K,
 }
 QUANTIZED = [n for n in TYPES if n not in ("f32", "bf16", "f16")]
 # llama-quant.cpp tensor_type_fallback: what a type becomes when ne[0] % block != 0

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and writes f16 otherwise. Routers and norms stay F32")
     p.add_argument("--quant", metavar="TYPE|auto",
                    help="weight types through llama.cpp's quantizer: one type for every weight "
-                        "(q8_0, q6_k, q5_k, q4_k, iq4_xs, q3_k, q2_k, f16, bf16) or auto "
+                        "(q8_0, q6_k, q5_k, q4_k, q4_0, iq4_xs, q3_k, q2_k, f16, bf16) or auto "
                         "(chosen per tensor by measured sensitivity; needs --calib and --budget). "
                         "--target onnx: int8 or int4 (blocks of 32)")
     p.add_argument("--quant-map", metavar="FILE.json",

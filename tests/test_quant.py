@@ -23,7 +23,7 @@ def models(tiny_model):
             "h256": frontend.load(tiny_model("mixtral", hidden_size=256, intermediate_size=256))}
 
 
-@pytest.mark.parametrize("qtype", ["q4_k", "q2_k", "iq4_xs", "q6_k", "q5_k", "q3_k"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q4_0", "q2_k", "iq4_xs", "q6_k", "q5_k", "q3_k"])
 @pytest.mark.parametrize("which", ["h64", "h256"])
 def test_predicted_weight_bytes_equal_the_file(models, tmp_path, qtype, which):
     model = models[which]
