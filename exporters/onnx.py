@@ -65,12 +65,22 @@ def check_exportable(model: ir.Model) -> None:
 
 
 def weight_bytes(model: ir.Model, quant: dict[int, str]) -> int:
-    """Bytes of the initializers `export` writes for these types (tied heads counted twice)."""
-    total = 0
+    """Bytes of the weight initializers `export` writes for these types: every IR tensor (a
+    head tied to the embedding twice: gathered rows and the transposed head), the RoPE tables
+    and EEP router maps."""
+    total = 2 * 4 * model.context_length * model.rope.dim
     for _, t in model.tensors():
         bits = oq.TYPES.get(quant.get(id(t)))
         total += t.numel * 4 if bits is None else t.numel * bits // 8 + t.numel // oq.BLOCK * 4
+    for b in model.blocks:
+        if isinstance(b.ffn, ir.MoE) and b.ffn.router_map is not None:
+            total += 4 * len(b.ffn.router_map) * len(b.ffn.router_map[0])
     return total
+
+
+def kv_cache_bytes(model: ir.Model, context: int) -> int:
+    """The float32 keys and values a generation loop holds for `context` tokens."""
+    return sum(4 * 2 * context * b.attn.n_kv_heads * b.attn.head_dim for b in model.blocks)
 
 
 def export(model: ir.Model, path: Path, moe: str = "portable", quant: dict[int, str] | None = None,

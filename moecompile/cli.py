@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.output:
         raise UserError("no output given: use -o OUT.gguf (or --print-ir to inspect the model)")
     if args.target == "onnx":
-        out = resolve_output(args.output, model.source, args.quant or "f32", ".onnx")
+        kind = "mixed" if args.quant == "auto" or args.quant_map else args.quant or "f32"
+        out = resolve_output(args.output, model.source, kind, ".onnx")
         result = target_onnx.compile_model(model, args, out)
         print(result.summary())
         return 0 if result.passed else 1

@@ -186,30 +186,35 @@ class Allocation:
 
 
 def allocate(model: ir.Model, sens: dict[str, dict[str, float]], weight_budget: int) -> Allocation:
+    """llama.cpp types per GGUF tensor group under a byte budget (see `choose`). Raises
+    BudgetError when even the smallest types do not fit, naming that size."""
+    by_group = groups(model)
+    group_types, total, predicted = choose(
+        sens, lambda g, name: group_bytes(by_group[g], name), unquantized_bytes(model),
+        weight_budget)
+    types = {s.name: gq.TYPES[group_types[g]] for g, ss in by_group.items() for s in ss}
+    return Allocation(types, group_types, total, predicted)
+
+
+def choose(sens: dict[str, dict[str, float]], size, fixed: int,
+           weight_budget: int) -> tuple[dict[str, str], int, float]:
     """Cheapest predicted loss under a byte budget: start every group at its best type, then
     repeatedly take the downgrade that saves bytes at the least added loss per byte (losses of
-    groups add up, the usual first-order assumption). Raises UserError when even the smallest
-    types do not fit, naming that size."""
-    by_group = groups(model)
-    fixed = unquantized_bytes(model)
-
-    def size(g: str, name: str) -> int:
-        return group_bytes(by_group[g], name)
-
-    # per group: one option per distinct size (the lower-loss type where llama.cpp's fallback
-    # makes two types the same size), biggest first; start from the lowest-loss option
+    groups add up, the usual first-order assumption). `size(group, type)` is bytes; `fixed`
+    the bytes no choice changes. Returns (group -> type, total bytes, predicted loss)."""
+    # per group: one option per distinct size (the lower-loss type where a fallback makes two
+    # types the same size), biggest first; start from the lowest-loss option
     order: dict[str, list[str]] = {}
-    for g in by_group:
+    for g in sens:
         best_at: dict[int, str] = {}
         for name in sens[g]:
             n = size(g, name)
             if n not in best_at or sens[g][name] < sens[g][best_at[n]]:
                 best_at[n] = name
         order[g] = [best_at[n] for n in sorted(best_at, reverse=True)]
-    choice = {g: min(range(len(order[g])), key=lambda i: (sens[g][order[g][i]], -i))
-              for g in by_group}
-    total = fixed + sum(size(g, order[g][choice[g]]) for g in by_group)
-    smallest = fixed + sum(size(g, order[g][-1]) for g in by_group)
+    choice = {g: min(range(len(order[g])), key=lambda i: (sens[g][order[g][i]], -i)) for g in sens}
+    total = fixed + sum(size(g, order[g][choice[g]]) for g in sens)
+    smallest = fixed + sum(size(g, order[g][-1]) for g in sens)
     if smallest > weight_budget:
         raise BudgetError(smallest)
     while total > weight_budget:
@@ -225,9 +230,7 @@ def allocate(model: ir.Model, sens: dict[str, dict[str, float]], weight_budget: 
         total -= size(g, order[g][choice[g]]) - size(g, order[g][choice[g] + 1])
         choice[g] += 1
     group_types = {g: order[g][i] for g, i in choice.items()}
-    types = {s.name: gq.TYPES[group_types[g]] for g, ss in by_group.items() for s in ss}
-    predicted = sum(sens[g][group_types[g]] for g in by_group)
-    return Allocation(types, group_types, total, predicted)
+    return group_types, total, sum(sens[g][group_types[g]] for g in sens)
 
 
 class BudgetError(UserError):

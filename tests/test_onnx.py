@@ -225,3 +225,38 @@ def test_onnxruntime_genai_drives_the_export(tiny_model, tmp_path, moe):
         theirs.append(int(generator.get_next_tokens()[0]))
     ours = OnnxDecoder(out).greedy([prompt], 16, eos=eos)[0]
     assert len(ours) >= 4 and theirs[:len(ours)] == ours
+
+
+BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="bundled model missing")
+def test_quant_auto_chooses_per_expert_and_beats_uniform_int4(tmp_path):
+    """Between the int4 and int8 sizes, --quant auto spends the bytes where the measured loss
+    is: experts of one layer end up at different precisions, the file fits, and its KL to
+    the original is below uniform int4's."""
+    from moecompile.evaluation import evaluate
+    from moecompile.exporters.onnx import kv_cache_bytes, weight_bytes
+
+    model = frontend.load(BUNDLED)
+    linear = linear_weights(model)
+    int4 = weight_bytes(model, {k: "int4" for k in linear})
+    int8 = weight_bytes(model, {k: "int8" for k in linear})
+    budget = (int4 + int8) // 2 + kv_cache_bytes(model, 512)
+    uniform, auto = tmp_path / "u" / "int4.onnx", tmp_path / "a" / "auto.onnx"
+    uniform.parent.mkdir(), auto.parent.mkdir()
+    assert main([str(BUNDLED), "--target", "onnx", "-o", str(uniform), "--quant", "int4",
+                 "--quiet"]) == 0
+    assert main([str(BUNDLED), "--target", "onnx", "-o", str(auto), "--quant", "auto",
+                 "--budget", str(budget), "--ctx", "512", "--calib", "all", "--calib-n", "8",
+                 "--quiet"]) == 0
+    report = json.loads(auto.with_suffix(".report.json").read_text())
+    assert report["verification"]["passed"]
+    assert report["memory"]["total_bytes"] <= budget
+    assert report["tensor_bytes"] == report["memory"]["weights_bytes"]  # predicted == written
+    units = report["quant"]["units"]
+    experts = {kind for unit, kind in units.items() if ".experts." in unit}
+    assert len(experts) > 1, units  # precision differs between experts
+    kl = {p: evaluate(str(p), base=str(BUNDLED), tasks=["add", "sort"], n=16,
+                      progress=False)["kl"] for p in (uniform, auto)}
+    assert kl[auto] < kl[uniform]
