@@ -23,6 +23,7 @@ where the portable lowering holds the experts — as `DequantizeLinear → MatMu
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,15 +91,15 @@ def export(model: ir.Model, path: Path, moe: str = "portable", quant: dict[int, 
     assert moe in MOE_LOWERINGS, moe
     check_exportable(model)
     names = {id(t): name for name, t in model.tensors()}
-    quant = {k: v for k, v in (quant or {}).items()
-             if k in names and oq.quantizable(_tensor_shape(model, k))}
+    shapes = {id(t): t.shape for _, t in model.tensors()}
+    quant = {k: v for k, v in (quant or {}).items() if k in names and oq.quantizable(shapes[k])}
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
     external = weight_bytes(model, quant) > external_at
     data_path.unlink(missing_ok=True)
     bar = tqdm(total=len(names), desc="onnx export", unit="tensor", disable=not progress)
     try:
-        with (open(data_path, "wb") if external else _NoFile()) as data:
+        with (open(data_path, "wb") if external else nullcontext()) as data:
             lower = _Lowering(model, Graph(data if external else None, data_path.name), quant,
                               names, bar)
             proto = lower.build(moe)
@@ -113,18 +114,6 @@ def export(model: ir.Model, path: Path, moe: str = "portable", quant: dict[int, 
                       {names[k]: v for k, v in quant.items()}, lower.g.weight_bytes,
                       lower.g.written,
                       OnnxNumerics(lower.dequantized, quantized=bool(quant)))
-
-
-def _tensor_shape(model: ir.Model, key: int) -> tuple[int, ...]:
-    return next(t.shape for _, t in model.tensors() if id(t) == key)
-
-
-class _NoFile:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Lowering:
@@ -213,8 +202,8 @@ class _Lowering:
     def rms_norm(self, x: str, weight: ir.Tensor, name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w — the pattern ORT fuses into SimplifiedLayerNorm."""
         g = self.g
-        ms = g.op("ReduceMean", g.op("Mul", x, x, name=name + ".sq"), g.const([-1]), keepdims=1,
-                  name=name + ".ms")
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32), name=name + ".sq"),
+                  g.const([-1]), keepdims=1, name=name + ".ms")
         rms = g.op("Sqrt", g.op("Add", ms, g.const(self.m.norm_eps, np.float32), name=name + ".eps"),
                    name=name + ".rms")
         return g.op("Mul", g.op("Div", x, rms, name=name + ".div"), self.tensor(weight, name),
