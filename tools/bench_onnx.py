@@ -29,10 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_convert import ensure_model  # noqa: E402
+from bench_trim import DECODE_TOKENS, PROMPT_TOKENS  # noqa: E402
 from bench_trim import _TIMER as LLAMA_TIMER  # noqa: E402
 
-PROMPT_TOKENS = 128
-DECODE_TOKENS = 64
 TARGET = 1.5
 
 ONNX_TIMER = """
