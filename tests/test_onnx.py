@@ -129,10 +129,13 @@ def test_pruned_topk_reduced_quantized_model_exports_and_verifies(tiny_model, tm
     assert rc == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert [p["pass"] for p in report["passes"]][:2] == ["prune_experts", "top_k"]
+    assert report["passes"][0]["router_mode"] == "exact"  # ONNX keeps EEP's router exact
     assert report["verification"]["passed"]
-    proto = onnx.load(str(out))
-    fc = [t for t in proto.graph.initializer if t.name.endswith("fc1.q")]
-    assert fc and all(t.dims[0] == 4 for t in fc)  # four experts left in the fused tensors
+    names = {t["name"]: t["shape"] for t in report["tensors"]}
+    assert not [n for n in names if ".experts.4." in n]  # four experts left per layer
+    for layer, lowering in report["moe_lowering"].items():
+        if lowering == "ort":
+            assert names[f"blocks.{layer}.ffn.fc1.q"][0] == 4
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])

@@ -12,6 +12,11 @@ prompt tokens/s over a 128-token prompt from an empty cache, decode tokens/s ove
 tokens through the KV cache. llama.cpp runs as a user would (F16 KV cache); onnxruntime with
 the same number of threads. Target: the fastest ONNX form within 1.5x of llama.cpp's decode
 speed (ratio = llama.cpp decode t/s / ONNX decode t/s, of the same precision).
+
+It also measures what EEP's exact router buys on this target (GGUF can only hold a one-hot
+router): the bundled model pruned to 4 of 8 experts by EEP on calibration data of every task,
+once with each router, both compiled to ONNX and scored in onnxruntime (accuracy on the test
+split, KL to the original).
 """
 
 from __future__ import annotations
@@ -135,28 +140,71 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def router_gain(work: Path, n: int) -> list[dict]:
+    """EEP to 4 experts with the one-hot and with the exact router, each compiled to ONNX."""
+    sys.path.insert(0, str(ROOT))
+    from moecompile import frontend
+    from moecompile.compile_onnx import compile_onnx
+    from moecompile.evaluation import evaluate
+    from moecompile.passes.prune import prune_experts
+    from moecompile.tasks import TASKS
+
+    bundled = ROOT / "models" / "moe-tiny"
+    model = frontend.load(bundled)
+    rows = []
+    for mode in ("onehot", "exact"):
+        pruned, report = prune_experts(model, 4, "eep", "all", calib_n=32, router_mode=mode,
+                                       progress=False)
+        out = work / f"router-{mode}" / "model.onnx"
+        out.parent.mkdir()
+        compiled = compile_onnx(pruned, out, progress=False)
+        scores = evaluate(str(out), base=str(bundled), tasks=list(TASKS), n=n, progress=False)
+        accuracy = {t: r["accuracy"] for t, r in scores["tasks"].items()}
+        rows.append({"router": mode, "calib_fitness": report["fitness"],
+                     "mapped_layers": sum(b.ffn.router_map is not None for b in pruned.blocks),
+                     "lowering": compiled.report["moe_lowering"], "accuracy": accuracy,
+                     "mean_accuracy": sum(accuracy.values()) / len(accuracy), "kl": scores["kl"]})
+        print(f"[router {mode}] {rows[-1]}", flush=True)
+    return rows
+
+
+def router_table(rows: list[dict]) -> str:
+    tasks = list(rows[0]["accuracy"])
+    lines = ["| EEP router | layers with a map | calibration fitness | KL vs original | mean "
+             "accuracy | " + " | ".join(tasks) + " |", "|---" * (5 + len(tasks)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['router']} | {r['mapped_layers']} | {r['calib_fitness']:.3f} | "
+                     f"{r['kl']:.4f} | {r['mean_accuracy']:.3f} | "
+                     + " | ".join(f"{r['accuracy'][t]:.2f}" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--olmoe-layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".bench")
+    p.add_argument("--n", type=int, default=100, help="test examples per task (router gain)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     args.work.mkdir(exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        routers = router_gain(Path(tmp), args.n)
         rows += bench_model("moe-tiny", ROOT / "models" / "moe-tiny", Path(tmp), args.repeat,
                             args.threads, verify=True)
         olmoe = ensure_model(args.work, args.olmoe_layers)
         rows += bench_model(f"olmoe-{args.olmoe_layers}l", olmoe, Path(tmp), args.repeat,
                             args.threads, verify=False)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"speed": rows, "router": routers}, indent=2))
     print()
     print(table(rows))
     print()
     print("\n".join(verdicts(rows)))
+    print()
+    print(router_table(routers))
 
 
 if __name__ == "__main__":
