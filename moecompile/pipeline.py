@@ -101,7 +101,7 @@ def _prune(model, args, budget: tuple[int, float | None]):
     config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=args.seed)
     model, report = prune_experts(
         model, args.experts, args.prune_method, args.calib, calib_n=args.calib_n,
-        seed=args.seed, config=config, router_mode="onehot",
+        seed=args.seed, config=config, router_mode=_router_mode(args),
         device=args.device or default_device(), progress=not args.quiet)
     line = (f"pruned to {args.experts} of {report['experts_before']} experts per layer by "
             f"{args.prune_method}: calibration fitness {report['fitness']:.4f} "
@@ -111,6 +111,12 @@ def _prune(model, args, budget: tuple[int, float | None]):
         line += f"; best baseline {best[0]} {best[1]:.4f}"
     print(line + f"; {report['seconds']:.0f} s)")
     return model
+
+
+def _router_mode(args) -> str:
+    """EEP's router: exact (softmax → mapping matrix → top-k) where the target computes it
+    (ONNX), one-hot rows where its MoE graph is fixed (llama.cpp)."""
+    return "exact" if args.target == "onnx" else "onehot"
 
 
 def quant_types(model, args, out: Path):
