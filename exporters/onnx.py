@@ -113,14 +113,13 @@ def export(model: ir.Model, path: Path, moe: str = "portable", quant: dict[int, 
     return OnnxExport(path, data_path if external else None, lower.lowering,
                       {names[k]: v for k, v in quant.items()}, lower.g.weight_bytes,
                       lower.g.written,
-                      OnnxNumerics(lower.dequantized, quantized=bool(quant)))
+                      OnnxNumerics(quant))
 
 
 class _Lowering:
     def __init__(self, model: ir.Model, g: Graph, quant: dict[int, str], names: dict[int, str], bar):
         self.m, self.g, self.quant, self.names, self.bar = model, g, quant, names, bar
         self.lowering: dict[int, str] = {}
-        self.dequantized: dict[int, np.ndarray] = {}  # id(IR tensor) -> what the file holds
         self.written: set[int] = set()
 
     # ---------------------------------------------------------------- weights
@@ -147,7 +146,6 @@ class _Lowering:
                           name=name)
         else:
             blocked = oq.quantize(w, oq.TYPES[kind])
-            self.dequantized[id(t)] = blocked.dequantize()
             codes_t = np.ascontiguousarray(blocked.codes.T)  # (in, out), blocks along axis 0
             if kind == "int4":
                 codes = self.g.weight(name + ".q", oq.pack_int4(codes_t),
@@ -366,15 +364,6 @@ class _Lowering:
             codes = blocked.packed_uint().reshape(w.shape[0], w.shape[1], -1)
             scales = blocked.scales.reshape(w.shape[0], w.shape[1], -1)
             packed += [g.weight(f"{p}.{name}.q", codes), g.weight(f"{p}.{name}.scales", scales)]
-            deq = blocked.dequantize().reshape(w.shape)
-            if name == "fc1":
-                deq = deq.reshape(w.shape[0], -1, 2, w.shape[-1])
-                for e, ex in enumerate(moe.experts):
-                    self.dequantized[id(ex.gate)] = deq[e, :, 0]
-                    self.dequantized[id(ex.up)] = deq[e, :, 1]
-            else:
-                for e, ex in enumerate(moe.experts):
-                    self.dequantized[id(ex.down)] = deq[e]
         # ORT 1.32's CPU QMoE renormalises the top-k weights even with
         # normalize_routing_weights=0 (measured: wrong logits for OLMoE/Qwen2-MoE); so it always
         # renormalises here, and a family that does not is scaled back by its top-k mass
@@ -391,16 +380,21 @@ class _Lowering:
 
 
 class OnnxNumerics:
-    """What ONNX Runtime computes with for an export: weights as stored (dequantized blocks) and,
-    for quantized weights, activations rounded to int8 blocks (accuracy level 4)."""
+    """What ONNX Runtime computes with for an export: quantized weights as their blocks
+    dequantize (recomputed on demand: quantizing a row is deterministic and independent of
+    its neighbours, so QMoE's stacked, interleaved experts hold the same values), and their
+    matmul inputs rounded to int8 blocks (accuracy level 4)."""
 
-    def __init__(self, dequantized: dict[int, np.ndarray], quantized: bool):
-        self.values = dequantized
-        self.exact = not quantized
+    def __init__(self, quant: dict[int, str]):
+        self.quant = quant
+        self.exact = not quant
 
     def weight(self, t: ir.Tensor) -> torch.Tensor:
-        hit = self.values.get(id(t))
-        return t.value().to(torch.float32) if hit is None else torch.from_numpy(hit)
+        value = t.value().to(torch.float32)
+        kind = self.quant.get(id(t))
+        if kind is None:
+            return value
+        return torch.from_numpy(oq.quantize(value.numpy(), oq.TYPES[kind]).dequantize())
 
     def input(self, weight: ir.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return oq.round_activations(x) if id(weight) in self.values else x
+        return oq.round_activations(x) if id(weight) in self.quant else x
