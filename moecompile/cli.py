@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'wins; for --target onnx the names are IR paths (per expert) and the '
                         'types int8, int4, f32')
     p.add_argument("--budget", metavar="SIZE",
-                   help="total runtime memory to fit (weights + KV cache for --ctx + compute "
-                        "buffers), e.g. 24GB, 8GiB, 512MB or bytes")
+                   help="total runtime memory to fit (llama.cpp: weights + KV cache for --ctx + "
+                        "compute and work buffers + runtime; onnx: weights + KV cache), e.g. "
+                        "24GB, 8GiB, 512MB or bytes")
     p.add_argument("--allow-prune", action="store_true",
                    help="with --quant auto: when even the smallest types exceed --budget, prune "
                         "experts (--prune-method, on --calib) until they fit")

@@ -159,10 +159,8 @@ def quant_types(model, args, out: Path):
         extra["budget_bytes"] = budget
         if mem.total_bytes > budget:
             raise UserError(f"--budget {args.budget}: this configuration needs "
-                            f"{format_size(mem.total_bytes)} (weights "
-                            f"{format_size(mem.weights_bytes)} + KV cache "
-                            f"{format_size(mem.kv_cache_bytes)} for --ctx {args.ctx} + compute "
-                            f"{format_size(mem.compute_bytes)}); try --quant auto")
+                            f"{format_size(mem.total_bytes)} ({mem.describe(args.ctx)}); try "
+                            "--quant auto")
     if types is not None and args.calib and imatrix is None:
         imatrix = _imatrix(model, args)
     if imatrix is None:
@@ -174,12 +172,12 @@ def quant_types(model, args, out: Path):
 
 def _auto_types(model, args, budget: int, out: Path):
     """--quant auto: measured sensitivity, then the lowest predicted loss that fits."""
-    from .budget import compute_bytes, format_size, kv_cache_bytes
+    from .budget import context_bytes, format_size
     from .passes import quantize
     from .passes.calib import build_calib
     from .runtime.executor import default_device
 
-    fixed = kv_cache_bytes(model, args.ctx) + compute_bytes(model, args.ctx)
+    fixed = context_bytes(model, args.ctx)
     device = args.device or default_device()
     calib = build_calib(model, args.calib, args.calib_n)
     imat = _imatrix(model, args, calib)
@@ -194,8 +192,8 @@ def _auto_types(model, args, budget: int, out: Path):
         raise NeedsPruning(
             f"--budget {args.budget} is below the smallest reachable size "
             f"{format_size(exc.smallest_weights + fixed)} (weights at the smallest types "
-            f"{format_size(exc.smallest_weights)} + KV cache and compute for --ctx {args.ctx} "
-            f"{format_size(fixed)}){hint}", experts) from None
+            f"{format_size(exc.smallest_weights)} + KV cache, buffers and runtime for --ctx "
+            f"{args.ctx} {format_size(fixed)}){hint}", experts) from None
     print(f"quant auto: {len(chosen.group_types)} groups, weights "
           f"{format_size(chosen.weight_bytes)}, predicted KL {chosen.predicted_kl:.4f}")
     report = {"method": "auto", "calib": args.calib, "predicted_kl": chosen.predicted_kl,

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from moecompile import ir
-from moecompile.budget import compute_bytes, format_size, kv_cache_bytes
+from moecompile.budget import compute_bytes, format_size, kv_cache_bytes, runtime_bytes, work_bytes
 from moecompile.errors import UserError
 
 
@@ -70,7 +70,9 @@ def plan(model: ir.Model, tensors: list[tuple[str, int]], gguf_name: str, contex
             used += nbytes
         else:
             cpu.append(name)
-    ram_bytes = sum(b for n, b in tensors if n in set(cpu)) + compute  # host compute buffer
+    # the host also keeps a compute buffer, ggml-cpu's work buffer and the runtime's own memory
+    host = compute + work_bytes(model, context) + runtime_bytes(model, context)
+    ram_bytes = sum(b for n, b in tensors if n in set(cpu)) + host
     if ram_bytes > ram:
         raise UserError(f"the plan needs {format_size(ram_bytes)} of RAM beyond the GPU's "
                         f"{format_size(gpu_mem)}, more than --ram {format_size(ram)}")

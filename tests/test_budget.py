@@ -4,14 +4,20 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from moecompile import frontend
-from moecompile.budget import compute_bytes, kv_cache_bytes, parse_size
+from moecompile.budget import compute_bytes, context_bytes, kv_cache_bytes, memory, parse_size
 from moecompile.cli import main
 from moecompile.errors import UserError
 from moecompile.exporters import gguf_quant as gq
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "moe-tiny"
+needs_bundled = pytest.mark.skipif(not (BUNDLED / "config.json").exists(),
+                                   reason="bundled model missing")
 
 
 @pytest.mark.parametrize("text,want", [("24GB", 24 * 10**9), ("8GiB", 8 * 2**30),
@@ -54,10 +60,73 @@ def test_kv_and_compute_predictions_match_llama_cpp(tiny_model, tmp_path, ctx):
         mib(r"CPU compute buffer size"), rel=0.02)
 
 
+_RESIDENT = """
+import random, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+from llama_cpp import Llama
+before = rss()
+llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]))
+rng = random.Random(0)
+llm.eval([rng.randrange(1, llm.n_vocab()) for _ in range(int(sys.argv[2]) - 1)])
+print(rss() - before)
+"""
+
+
+def _resident_growth(gguf, ctx: int) -> int:
+    """What loading `gguf` with llama-cpp-python's defaults (memory-mapped weights, verbose log)
+    and decoding a full context of random tokens adds to a fresh process's VmRSS, measured from
+    just after `import llama_cpp` (so the libraries' own pages are the baseline)."""
+    proc = subprocess.run([sys.executable, "-c", _RESIDENT, str(gguf), str(ctx)],
+                          capture_output=True, text=True, check=True)
+    if "CPU_REPACK model buffer size" in proc.stderr:
+        pytest.skip("llama.cpp repacked these weights on this CPU: with mmap their file pages "
+                    "stay resident beside the copy (reclaimable, not predicted)")
+    return int(proc.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def olmoe_shaped(tiny_model, tmp_path_factory):
+    """A random-weight OLMoE-shaped model (MHA, q/k norm, 64 experts top-8, 2 layers, hidden 512)
+    as Q8_0: ~54 MiB of weights, so weights, KV cache and buffers all weigh in."""
+    folder = tiny_model("olmoe", hidden_size=512, intermediate_size=256, num_attention_heads=8,
+                        num_key_value_heads=8, num_experts=64, num_experts_per_tok=8,
+                        num_hidden_layers=2, max_position_embeddings=2048)
+    out = tmp_path_factory.mktemp("olmoe-shaped") / "m.gguf"
+    assert main([str(folder), "-o", str(out), "--quant", "q8_0", "--no-verify", "--quiet"]) == 0
+    return folder, out
+
+
+@pytest.fixture(scope="module")
+def bundled_f32(tmp_path_factory):
+    if not (BUNDLED / "config.json").exists():
+        pytest.skip("bundled model missing")
+    out = tmp_path_factory.mktemp("bundled") / "f32.gguf"
+    assert main([str(BUNDLED), "-o", str(out), "--dtype", "f32", "--no-verify", "--quiet"]) == 0
+    return BUNDLED, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("which,ctx", [("bundled_f32", 512), ("olmoe_shaped", 512),
+                                       ("olmoe_shaped", 2048)])
+def test_predicted_memory_is_within_10_percent_of_resident(request, which, ctx):
+    """The whole prediction (weights + KV cache + compute and work buffers + runtime) against a
+    real process. F32 and Q8_0 are types llama.cpp does not repack on x86-64 (AVX2), so the
+    mapped weights are resident once. Of the prediction, 3 MiB is a measured constant (code
+    pages and small allocations; docs/memory_model.md): about 6.5% here for the bundled model,
+    2-4% for the OLMoE-shaped one; everything else follows llama.cpp's allocations."""
+    folder, gguf = request.getfixturevalue(which)
+    predicted = memory(frontend.load(folder), sum(b for *_, b in gq.read_tensors(gguf)), ctx)
+    measured = _resident_growth(gguf, ctx)
+    assert predicted.total_bytes == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
 def test_quant_auto_fits_the_budget_and_reports_exact_weights(tiny_model, tmp_path):
     folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
     sizes = {}
-    for budget in ("3MiB", "6MiB"):
+    for budget in ("9.5MiB", "12.5MiB"):  # ~8 MiB of KV cache, buffers and runtime at --ctx 128
         out = tmp_path / f"auto-{budget}.gguf"
         rc = main([str(folder), "-o", str(out), "--quant", "auto", "--budget", budget,
                    "--calib", "add,rev", "--calib-n", "3", "--ctx", "128", "--no-verify",
@@ -67,12 +136,14 @@ def test_quant_auto_fits_the_budget_and_reports_exact_weights(tiny_model, tmp_pa
         mem = report["memory"]
         assert mem["total_bytes"] <= parse_size(budget)
         assert mem["weights_bytes"] == sum(b for *_, b in gq.read_tensors(out))
-        assert mem["total_bytes"] == mem["weights_bytes"] + mem["kv_cache_bytes"] + mem["compute_bytes"]
+        assert mem["total_bytes"] == sum(v for k, v in mem.items() if k != "total_bytes")
+        fixed = context_bytes(frontend.load(folder), 128)
+        assert mem["total_bytes"] - mem["weights_bytes"] == fixed
         assert out.with_suffix(".imatrix.dat").exists()
         sizes[budget] = mem["weights_bytes"]
         groups = report["quant"]["groups"]
         assert set(groups.values()) <= set(gq.QUANTIZED)
-    assert sizes["3MiB"] < sizes["6MiB"]
+    assert sizes["9.5MiB"] < sizes["12.5MiB"]
 
 
 def test_budget_below_any_configuration_names_the_smallest(tiny_model, tmp_path, capsys):
@@ -112,27 +183,55 @@ def test_offload_plan_fills_the_gpu_by_bytes_read_per_byte(tiny_model):
         offload.plan(model, tensors, "m.gguf", 256, reserve + dense, 1000)
 
 
-BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
+def _uniform_and_auto(tmp_path, qtype: str) -> tuple[Path, Path]:
+    """The bundled model as uniform `qtype`, and as --quant auto with a --budget of that file's
+    weight bytes plus everything else at --ctx 512 (auto never uses more weight bytes)."""
+    uniform, auto = tmp_path / f"{qtype}.gguf", tmp_path / f"auto-{qtype}.gguf"
+    assert main([str(BUNDLED), "-o", str(uniform), "--quant", qtype, "--no-verify",
+                 "--quiet"]) == 0
+    weights = sum(b for *_, b in gq.read_tensors(uniform))
+    budget = weights + context_bytes(frontend.load(BUNDLED), 512)
+    assert main([str(BUNDLED), "-o", str(auto), "--quant", "auto", "--budget", str(budget),
+                 "--ctx", "512", "--calib", "all", "--calib-n", "8", "--no-verify",
+                 "--quiet"]) == 0
+    assert sum(b for *_, b in gq.read_tensors(auto)) <= weights
+    return uniform, auto
 
 
-@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="bundled model missing")
+@needs_bundled
 def test_quant_auto_is_closer_to_the_original_than_uniform_q4_k_at_the_same_size(tmp_path):
     """On the bundled model: --quant auto with the bytes of uniform Q4_K has a lower KL to the
-    original. (Task accuracy is not asserted: KL is what auto minimises, and on these tasks
-    uniform Q4_K has scored a few answers higher; see the README's bench_quant table.)"""
+    original. (Not its accuracy: at this size auto scored 0.5 points below plain Q4_K over 3000
+    prompts, paired CI [-0.9, -0.1]; see the README's bench_quant tables and the Q3_K test.)"""
     from moecompile.evaluation import evaluate
 
-    uniform, auto = tmp_path / "q4_k.gguf", tmp_path / "auto.gguf"
-    assert main([str(BUNDLED), "-o", str(uniform), "--quant", "q4_k", "--quiet"]) == 0
-    model = frontend.load(BUNDLED)
-    q4_bytes = sum(b for *_, b in gq.read_tensors(uniform))
-    budget = q4_bytes + kv_cache_bytes(model, 512) + compute_bytes(model, 512)
-    assert main([str(BUNDLED), "-o", str(auto), "--quant", "auto", "--budget", str(budget),
-                 "--ctx", "512", "--calib", "all", "--calib-n", "8", "--quiet"]) == 0
-    assert sum(b for *_, b in gq.read_tensors(auto)) <= q4_bytes
+    uniform, auto = _uniform_and_auto(tmp_path, "q4_k")
     kl = {p: evaluate(str(p), base=str(BUNDLED), tasks=["add", "sort"], n=16,
                       progress=False)["kl"] for p in (uniform, auto)}
     assert kl[auto] < kl[uniform]
+
+
+ACCURACY_MARGIN = 0.03  # non-inferiority margin: 3 points of mean task accuracy
+
+
+@needs_bundled
+def test_quant_auto_is_as_accurate_as_uniform_q3_k_at_its_size(tmp_path):
+    """The accuracy half of "auto at a size is at least as good as the uniform type of that
+    size", on the bundled model at Q3_K's size: over the same 600 test prompts (100 per task),
+    the paired 95% confidence interval of accuracy(auto) - accuracy(Q3_K) lies above
+    -ACCURACY_MARGIN (auto is not worse by 3 points or more), and auto's KL is lower."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_quant import measure, paired_difference
+
+    from moecompile.evaluation import open_backend
+    from moecompile.tasks import TASKS
+
+    uniform, auto = _uniform_and_auto(tmp_path, "q3_k")
+    base = open_backend(BUNDLED)
+    u, a = (measure(p, base, list(TASKS), 100) for p in (uniform, auto))
+    pair = paired_difference(a["correct"], u["correct"])
+    assert pair["low"] > -ACCURACY_MARGIN, pair
+    assert a["kl"] < u["kl"]
 
 
 def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys):
@@ -141,7 +240,7 @@ def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys
     folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
     model = frontend.load(folder)
     smallest = quantize.weight_bytes(model, quantize.uniform(model, "q2_k"))
-    budget = kv_cache_bytes(model, 128) + compute_bytes(model, 128) + int(0.7 * smallest)
+    budget = context_bytes(model, 128) + int(0.7 * smallest)
     argv = [str(folder), "-o", str(tmp_path / "p.gguf"), "--quant", "auto", "--budget",
             str(budget), "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
             "--no-verify"]
