@@ -19,7 +19,6 @@ from . import ir
 from .errors import UserError
 
 TYPES = ("int8", "int4")
-MOE_CHOICES = ("auto", "ort", "portable")
 
 
 def check_args(args) -> None:

@@ -265,3 +265,16 @@ def test_quant_auto_chooses_per_expert_and_beats_uniform_int4(tmp_path):
     kl = {p: evaluate(str(p), base=str(BUNDLED), tasks=["add", "sort"], n=16,
                       progress=False)["kl"] for p in (uniform, auto)}
     assert kl[auto] < kl[uniform]
+
+
+def test_eval_runs_onnx_files(tiny_model, tmp_path):
+    """tools/eval.py's engine on an .onnx: the F32 export against its own checkpoint (in
+    transformers) has no divergence, and greedy completions come through the KV cache."""
+    from moecompile.evaluation import evaluate
+
+    folder = tiny_model("qwen3_moe")
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), "--target", "onnx", "-o", str(out), "--quiet"]) == 0
+    result = evaluate(str(out), base=str(folder), tasks=["add"], n=4, progress=False)
+    assert result["kl"] < 1e-6 and result["top1_agreement"] == 1.0
+    assert result["tasks"]["add"]["n"] == 4
