@@ -34,44 +34,17 @@ from moecompile import frontend  # noqa: E402
 from moecompile.budget import context_bytes  # noqa: E402
 from moecompile.cli import main as compile_main  # noqa: E402
 from moecompile.evaluation import Backend, evaluate, open_backend  # noqa: E402
-from moecompile.tasks import TASKS, examples, score  # noqa: E402
+from moecompile.tasks import TASKS  # noqa: E402
 
 UNIFORM = ("q8_0", "q6_k", "q4_k", "q3_k", "q2_k")
 CTX = 512
 Z95 = 1.959964
 
 
-class Recorder(Backend):
-    """`inner`, keeping every greedy completion: evaluate() reports accuracy per task only, and
-    a paired comparison needs each prompt's outcome."""
-
-    def __init__(self, inner: Backend):
-        self.inner, self.completions = inner, []
-        self.name, self.vocab, self.context = inner.name, inner.vocab, inner.context
-
-    def encode(self, text):
-        return self.inner.encode(text)
-
-    def decode(self, ids):
-        return self.inner.decode(ids)
-
-    def logits(self, batch):
-        return self.inner.logits(batch)
-
-    def greedy(self, prompts, max_new):
-        out = self.inner.greedy(prompts, max_new)
-        self.completions += out
-        return out
-
-
 def measure(model: "str | Backend", base: "Backend | None", tasks: list[str], n: int) -> dict:
-    """evaluate() on `tasks`, plus `correct`: each prompt's outcome, in examples() order."""
-    recorder = Recorder(model if isinstance(model, Backend) else open_backend(model))
-    result = evaluate(recorder, base=base, tasks=tasks, n=n, progress=False)
-    prompts = [e for task in tasks for e in examples(task, "test", n)]
-    correct = [score(e, recorder.decode(c)) for e, c in zip(prompts, recorder.completions)]
-    assert len(correct) == len(prompts)
-    assert sum(correct) == round(sum(r["accuracy"] * r["n"] for r in result["tasks"].values()))
+    """evaluate() on `tasks`, plus `correct`: each prompt's outcome, task by task."""
+    result = evaluate(model, base=base, tasks=tasks, n=n, progress=False)
+    correct = [c for task in tasks for c in result["tasks"][task]["correct"]]
     return {"kl": result.get("kl", 0.0), "top1": result.get("top1_agreement", 1.0),
             "accuracy": sum(correct) / len(correct), "correct": correct}
 

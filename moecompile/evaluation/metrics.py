@@ -25,12 +25,12 @@ def task_accuracy(backend: Backend, task: str, n: int, batch_size: int = 32,
                   progress: bool = True) -> dict:
     exs = examples(task, "test", n)
     max_new = max(len(backend.encode(e.answer)) for e in exs) + 2
-    correct = 0
+    correct: list[bool] = []  # per prompt, in examples() order: paired comparisons need it
     for batch in tqdm(list(_batches(exs, batch_size)), desc=f"{task}", disable=not progress,
                       leave=False):
         outs = backend.greedy([backend.encode(e.prompt) for e in batch], max_new)
-        correct += sum(score(e, backend.decode(o)) for e, o in zip(batch, outs))
-    return {"accuracy": correct / len(exs), "n": len(exs)}
+        correct += [bool(score(e, backend.decode(o))) for e, o in zip(batch, outs)]
+    return {"accuracy": sum(correct) / len(exs), "n": len(exs), "correct": correct}
 
 
 def corpus_windows(backend: Backend, texts: list[str], window: int, max_tokens: int) -> list[list[int]]:
