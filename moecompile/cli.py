@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     budget = pipeline.check_args(args)
     if args.target == "onnx":
         target_onnx.check_args(args)
+    elif args.onnx_moe != "auto":
+        raise UserError("--onnx-moe applies to --target onnx")
     model = frontend.load(args.model)
     model = pipeline.apply_passes(model, args, budget)
     if args.print_ir:

@@ -195,6 +195,7 @@ def test_per_expert_precision(tiny_model, tmp_path):
     (["--gpu-mem", "1GB"], "--gpu-mem plans for llama.cpp"),
     (["--dtype", "f16"], "writes float32 weights"),
     (["-o", "x.gguf"], "must end in .onnx"),
+    (["--target", "gguf", "--onnx-moe", "ort"], "--onnx-moe applies to --target onnx"),
 ])
 def test_onnx_flag_errors_exit_2(tiny_model, tmp_path, capsys, extra, message):
     folder = tiny_model("mixtral")
