@@ -64,18 +64,17 @@ class Graph:
         byte, low nibble first) whose bytes are `array`; otherwise the array's own."""
         name = self.fresh(name)
         array = np.ascontiguousarray(array)
-        if data_type is None:
+        external = self.data is not None and array.nbytes >= INLINE_BELOW
+        if data_type is None and not external:
             tensor = numpy_helper.from_array(array, name)
-            if self.data is not None and array.nbytes >= INLINE_BELOW:
-                tensor.ClearField("raw_data")
         else:
-            tensor = TensorProto(name=name, data_type=data_type, dims=list(shape))
-            if self.data is None or array.nbytes < INLINE_BELOW:
+            tensor = TensorProto(name=name, dims=list(array.shape if shape is None else shape),
+                                 data_type=(helper.np_dtype_to_tensor_dtype(array.dtype)
+                                            if data_type is None else data_type))
+            if external:
+                self._write_external(tensor, array)
+            else:
                 tensor.raw_data = array.tobytes()
-        if self.data is not None and array.nbytes >= INLINE_BELOW:
-            for field in ("float_data", "int32_data", "int64_data", "double_data"):
-                tensor.ClearField(field)
-            self._write_external(tensor, array)
         self.initializers.append(tensor)
         self.weight_bytes += array.nbytes
         self.written.append({"name": name, "type": TensorProto.DataType.Name(tensor.data_type),

@@ -100,11 +100,13 @@ def test_cli_compiles_verifies_and_writes_side_files(tiny_model, tmp_path):
     assert [o.name for o in proto.graph.output][:2] == ["logits", "present.0.key"]
 
 
-def test_external_data_saves_and_loads_by_path(tiny_model, tmp_path):
-    folder = tiny_model("olmoe")
+@pytest.mark.parametrize("kind", [None, "int4"])
+def test_external_data_saves_and_loads_by_path(tiny_model, tmp_path, kind):
+    folder = tiny_model("olmoe", **BLOCK_DIMS["olmoe"])
     model = frontend.load(folder)
+    quant = kind and {k: kind for k in linear_weights(model)}
     out = tmp_path / "big.onnx"
-    result = compile_onnx(model, out, moe="portable", progress=False, external_at=0)
+    result = compile_onnx(model, out, moe="portable", quant=quant, progress=False, external_at=0)
     data = tmp_path / "big.onnx.data"
     assert result.passed and data.exists()
     assert out.stat().st_size < 200_000 < data.stat().st_size  # weights outside the proto
@@ -113,7 +115,8 @@ def test_external_data_saves_and_loads_by_path(tiny_model, tmp_path):
     assert outside and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0
                            for t in outside)
     ids = fixed_tokens(model.vocab, 32)
-    inline = onnx_export.export(model, tmp_path / "inline.onnx", moe="portable", progress=False)
+    inline = onnx_export.export(model, tmp_path / "inline.onnx", moe="portable", quant=quant,
+                                progress=False)
     assert inline.data_path is None
     np.testing.assert_array_equal(OnnxDecoder(out).sequence_logits(ids),
                                   OnnxDecoder(inline.path).sequence_logits(ids))
