@@ -71,8 +71,7 @@ def weight_bytes(model: ir.Model, quant: dict[int, str]) -> int:
     and EEP router maps."""
     total = 2 * 4 * model.context_length * model.rope.dim
     for _, t in model.tensors():
-        bits = oq.TYPES.get(quant.get(id(t)))
-        total += t.numel * 4 if bits is None else t.numel * bits // 8 + t.numel // oq.BLOCK * 4
+        total += oq.stored_bytes(t.numel, quant.get(id(t)))
     for b in model.blocks:
         if isinstance(b.ffn, ir.MoE) and b.ffn.router_map is not None:
             total += 4 * len(b.ffn.router_map) * len(b.ffn.router_map[0])
@@ -392,9 +391,7 @@ class OnnxNumerics:
     def weight(self, t: ir.Tensor) -> torch.Tensor:
         value = t.value().to(torch.float32)
         kind = self.quant.get(id(t))
-        if kind is None:
-            return value
-        return torch.from_numpy(oq.quantize(value.numpy(), oq.TYPES[kind]).dequantize())
+        return value if kind is None else torch.from_numpy(oq.roundtrip(value.numpy(), kind))
 
     def input(self, weight: ir.Tensor, x: torch.Tensor) -> torch.Tensor:
         return oq.round_activations(x) if id(weight) in self.quant else x

@@ -58,6 +58,19 @@ def quantize(weight: np.ndarray, bits: int) -> Blocked:
     return Blocked(codes.reshape(out, k), scales, bits)
 
 
+def stored_bytes(numel: int, kind: str | None) -> int:
+    """Bytes a weight of `numel` values takes as `kind` ("int8"/"int4": codes plus one float32
+    scale per block; None: float32)."""
+    if kind is None:
+        return 4 * numel
+    return numel * TYPES[kind] // 8 + numel // BLOCK * 4
+
+
+def roundtrip(weight: np.ndarray, kind: str) -> np.ndarray:
+    """The float32 values a weight holds after being stored as `kind`."""
+    return quantize(weight, TYPES[kind]).dequantize()
+
+
 def pack_int4(codes: np.ndarray) -> np.ndarray:
     """ONNX INT4 tensor bytes: elements in row-major order, two a byte, first in the low nibble."""
     flat = codes.reshape(-1).astype(np.uint8) & 0x0F

@@ -95,11 +95,7 @@ def compile_gguf(model: ir.Model, out: Path, dtype: str = "f16", verify: bool = 
     finally:
         tmp.unlink(missing_ok=True)
         source.unlink(missing_ok=True)
-    report = {
-        "moecompile": __version__,
-        "source": model.source,
-        "family": model.family,
-        "target": "gguf",
+    return finish(model, "gguf", final, report_path, {
         "arch": result.arch,
         "dtype": "mixed" if quant else dtype,
         "output": str(final),
@@ -108,8 +104,15 @@ def compile_gguf(model: ir.Model, out: Path, dtype: str = "f16", verify: bool = 
         "file_bytes": final.stat().st_size,
         "tensors": [{"name": name, "type": qtype.name, "shape": list(shape), "bytes": nbytes}
                     for name, shape, qtype, nbytes in written],
-        **(extra_report or {}),
-        "verification": verification.to_dict() if verification else None,
-    }
+    }, extra_report, verification)
+
+
+def finish(model: ir.Model, target: str, final: Path, report_path: Path, fields: dict,
+           extra_report: dict | None, verification: VerifyResult | None) -> CompileResult:
+    """Write OUT.report.json (the fields every target shares around its own) and return the
+    result."""
+    report = {"moecompile": __version__, "source": model.source, "family": model.family,
+              "target": target, **fields, **(extra_report or {}),
+              "verification": verification.to_dict() if verification else None}
     write_json_atomic(report_path, report)
     return CompileResult(final, report_path, report, verification)

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from . import __version__, ir
-from .compile import CompileResult, write_json_atomic
+from . import ir
+from .compile import CompileResult, finish
 from .errors import UserError, VerificationError
 from .verify import verify_onnx
 
@@ -69,11 +69,7 @@ def compile_onnx(model: ir.Model, out: Path, moe: str = "auto", quant: dict[int,
         moved = _move_into_place(tmp, staged, result.data_path, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = {
-        "moecompile": __version__,
-        "source": model.source,
-        "family": model.family,
-        "target": "onnx",
+    return finish(model, "onnx", final, report_path, {
         "arch": "onnx decoder, MoE " + "/".join(sorted(set(result.lowering.values()))),
         "output": str(final),
         "files": [str(p) for p in moved],
@@ -84,11 +80,7 @@ def compile_onnx(model: ir.Model, out: Path, moe: str = "auto", quant: dict[int,
         "tensor_bytes": result.weight_bytes,
         "tensors": result.tensors,
         "file_bytes": sum(p.stat().st_size for p in moved if p.suffix in (".onnx", ".data")),
-        **(extra_report or {}),
-        "verification": verification.to_dict() if verification else None,
-    }
-    write_json_atomic(report_path, report)
-    return CompileResult(final, report_path, report, verification)
+    }, extra_report, verification)
 
 
 def _lowerings(moe: str, verify: bool) -> list[str]:

@@ -57,6 +57,8 @@ def check_args(args) -> tuple[int, float | None]:
                         "--calib FILE.jsonl or --calib FILE.txt")
     if args.calib_n < 1:
         raise UserError(f"--calib-n {args.calib_n}: must be at least 1")
+    if args.quant and args.quant_map:
+        raise UserError("give --quant or --quant-map, not both")
     return parse_search_budget(args.search_budget)
 
 
@@ -119,18 +121,21 @@ def _router_mode(args) -> str:
     return "exact" if args.target == "onnx" else "onehot"
 
 
+def resolve_ctx(model, args) -> int:
+    """--ctx, by default 4096 or the model's context if shorter; checked against the model."""
+    ctx = min(4096, model.context_length) if args.ctx is None else args.ctx
+    if not 1 <= ctx <= model.context_length:
+        raise UserError(f"--ctx {ctx}: must be between 1 and the model's context of "
+                        f"{model.context_length}")
+    return ctx
+
+
 def quant_types(model, args, out: Path):
     """(GGUF name -> type or None for a plain --dtype export, imatrix, report entries)."""
     from .budget import format_size, memory, parse_size
     from .passes import quantize
 
-    if args.quant and args.quant_map:
-        raise UserError("give --quant or --quant-map, not both")
-    if args.ctx is None:
-        args.ctx = min(4096, model.context_length)
-    if args.ctx < 1 or args.ctx > model.context_length:
-        raise UserError(f"--ctx {args.ctx}: must be between 1 and the model's context of "
-                        f"{model.context_length}")
+    args.ctx = resolve_ctx(model, args)
     budget = parse_size(args.budget) if args.budget else None
     extra: dict = {"ctx": args.ctx}
     imatrix = None
@@ -265,7 +270,7 @@ def offload(model, args, result) -> None:
     p = offload.plan(model, tensors, result.output.name, args.ctx, parse_size(args.gpu_mem,
                      "--gpu-mem"), ram)
     print(f"offload plan: GPU {format_size(p.gpu_bytes)} ({len(p.gpu)} tensors + KV cache + "
-          f"compute), RAM {format_size(p.ram_bytes)} ({len(p.cpu)} tensors + compute)")
+          f"compute), RAM {format_size(p.ram_bytes)} ({len(p.cpu)} tensors + host buffers)")
     print(f"  {p.command}")
     print(f"  llama-cpp-python: Llama(model_path=..., n_gpu_layers={p.python_args['n_gpu_layers']}, "
           f"n_ctx={p.python_args['n_ctx']}): {p.python_note}")

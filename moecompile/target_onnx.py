@@ -32,8 +32,6 @@ def check_args(args) -> None:
     if (args.quant == "auto") != bool(args.budget) or (args.quant == "auto" and not args.calib):
         raise UserError("--target onnx: --quant auto needs --budget SIZE and --calib (the data "
                         "its sensitivity is measured on), and --budget needs --quant auto")
-    if args.quant and args.quant_map:
-        raise UserError("give --quant or --quant-map, not both")
     if args.dtype not in ("auto", "f32"):
         raise UserError(f"--dtype {args.dtype}: --target onnx writes float32 weights (or "
                         "int8/int4 with --quant)")
@@ -76,12 +74,10 @@ def _auto(model: ir.Model, args, weights: dict[int, str]) -> tuple[dict[int, str
     from .exporters.onnx import kv_cache_bytes
     from .passes import quantize, quantize_onnx
     from .passes.calib import build_calib
+    from .pipeline import resolve_ctx
     from .runtime.executor import default_device
 
-    ctx = args.ctx or min(4096, model.context_length)
-    if not 1 <= ctx <= model.context_length:
-        raise UserError(f"--ctx {ctx}: must be between 1 and the model's context of "
-                        f"{model.context_length}")
+    ctx = resolve_ctx(model, args)
     budget = parse_size(args.budget)
     kv = kv_cache_bytes(model, ctx)
     groups = quantize_onnx.units(model, weights)

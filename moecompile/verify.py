@@ -107,11 +107,17 @@ def verify_gguf(model: ir.Model, gguf_path: Path, numerics, device: str | None =
     (exporters.gguf.StoredNumerics: the export's weight and kernel-input rounding)."""
     ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
     got = run_llama_cpp(gguf_path, ids, n_gpu_layers)
+    return compare_with_reference("llama.cpp", got, model, ids, numerics, device)
+
+
+def compare_with_reference(name: str, got: np.ndarray, model: ir.Model, ids: list[int],
+                           numerics, device: str | None) -> VerifyResult:
+    """`compare` a runtime's logits for `ids` with the reference executor on the file's
+    numerics (and, when those are rounded, on the float weights too)."""
     tokens = torch.tensor([ids])
     same = ReferenceExecutor(model, device, numerics.weight, numerics.input).logits(tokens)
     floating = same if numerics.exact else ReferenceExecutor(model, device).logits(tokens)
-    return compare("llama.cpp", got, same[0].cpu().numpy(), floating[0].cpu().numpy(),
-                   numerics.exact)
+    return compare(name, got, same[0].cpu().numpy(), floating[0].cpu().numpy(), numerics.exact)
 
 
 CACHED_STEPS = 4  # tokens re-run one at a time through the KV cache during verification
@@ -145,9 +151,5 @@ def verify_onnx(model: ir.Model, onnx_path: Path, numerics, device: str | None =
     if cache_diff > 1e-3 * scale:
         raise VerificationError(f"{onnx_path.name}: logits through the KV cache differ from the "
                                 f"full pass by {cache_diff:.3g}")
-    tokens = torch.tensor([ids])
-    same = ReferenceExecutor(model, device, numerics.weight, numerics.input).logits(tokens)
-    floating = same if numerics.exact else ReferenceExecutor(model, device).logits(tokens)
     provider = decoder.session.get_providers()[0].replace("ExecutionProvider", "")
-    return compare(f"onnxruntime ({provider})", got, same[0].cpu().numpy(),
-                   floating[0].cpu().numpy(), numerics.exact)
+    return compare_with_reference(f"onnxruntime ({provider})", got, model, ids, numerics, device)

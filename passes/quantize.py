@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moecompile import ir
 from moecompile.errors import UserError
 from moecompile.exporters import gguf as gguf_export
@@ -140,17 +142,13 @@ def sensitivity(model: ir.Model, calib, candidates=CANDIDATES, imatrix=None, dev
     by how much its experts are used."""
     import tempfile
 
-    import torch
     from tqdm import tqdm
 
     from moecompile.exporters.gguf_quant import FileNumerics
-    from moecompile.runtime.executor import ReferenceExecutor
 
     by_group = groups(model)
     members = {g: {id(p) for s in ss for p in s.parts} for g, ss in by_group.items()}
-    mask = calib.mask.bool()
-    with torch.no_grad():
-        ref = torch.log_softmax(ReferenceExecutor(model, device).logits(calib.ids, calib.mask), -1)
+    kl = CalibKL(model, calib, device)
     out: dict[str, dict[str, float]] = {g: {} for g in by_group}
     arch = gguf_export.check_exportable(model)
     planned = gguf_export.plan(model, "f32", arch)
@@ -167,14 +165,34 @@ def sensitivity(model: ir.Model, calib, candidates=CANDIDATES, imatrix=None, dev
                 def weight(t, ids=ids):
                     hit = numerics.values.get(id(t)) if id(t) in ids else None
                     return t.value() if hit is None else torch.from_numpy(hit)
-                with torch.no_grad():
-                    logp = torch.log_softmax(
-                        ReferenceExecutor(model, device, weight).logits(calib.ids, calib.mask), -1)
-                kl = (ref.exp() * (ref - logp)).sum(-1)[mask].mean()
-                out[g][name] = max(0.0, float(kl))
+                out[g][name] = kl(weight)
                 bar.update(1)
     bar.close()
     return out
+
+
+class CalibKL:
+    """KL(original || the model with some weights replaced), mean over the calibration tokens:
+    the original's log-probabilities are computed once, each replacement costs one forward
+    pass of the reference executor with its `weight_fn`."""
+
+    def __init__(self, model: ir.Model, calib, device: str = "cpu"):
+        self.model, self.calib, self.device = model, calib, device
+        self.mask = calib.mask.bool()
+        with torch.no_grad():
+            self.ref = torch.log_softmax(self._logits(None), -1)
+
+    def _logits(self, weight_fn):
+        from moecompile.runtime.executor import ReferenceExecutor
+
+        executor = ReferenceExecutor(self.model, self.device, weight_fn)
+        return executor.logits(self.calib.ids, self.calib.mask)
+
+    def __call__(self, weight_fn) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(self._logits(weight_fn), -1)
+        kl = (self.ref.exp() * (self.ref - logp)).sum(-1)[self.mask].mean()
+        return max(0.0, float(kl))
 
 
 @dataclass

@@ -20,9 +20,8 @@ from tqdm import tqdm
 from moecompile import ir
 from moecompile.exporters import onnx as onnx_export
 from moecompile.exporters import onnx_quant as oq
-from moecompile.runtime.executor import ReferenceExecutor
 
-from .quantize import choose
+from .quantize import CalibKL, choose
 
 CANDIDATES = ("f32", "int8", "int4")
 
@@ -45,33 +44,21 @@ def units(model: ir.Model, weights: dict[int, str]) -> dict[str, list[ir.Tensor]
 
 
 def unit_bytes(tensors: list[ir.Tensor], kind: str) -> int:
-    if kind == "f32":
-        return sum(4 * t.numel for t in tensors)
-    return sum(t.numel * oq.TYPES[kind] // 8 + t.numel // oq.BLOCK * 4 for t in tensors)
+    return sum(oq.stored_bytes(t.numel, None if kind == "f32" else kind) for t in tensors)
 
 
 def sensitivity(model: ir.Model, groups: dict[str, list[ir.Tensor]], calib, device="cpu",
                 progress: bool = True) -> dict[str, dict[str, float]]:
     """KL(original || model with one unit at one type), mean over the calibration tokens."""
-    mask = calib.mask.bool()
-    with torch.no_grad():
-        ref = torch.log_softmax(ReferenceExecutor(model, device).logits(calib.ids, calib.mask), -1)
+    kl = CalibKL(model, calib, device)
     out: dict[str, dict[str, float]] = {g: {"f32": 0.0} for g in groups}
     steps = (len(CANDIDATES) - 1) * len(groups)
     with tqdm(total=steps, desc="quant sensitivity", disable=not progress) as bar:
         for kind in CANDIDATES[1:]:
             for g, tensors in groups.items():
-                held = {id(t): torch.from_numpy(oq.quantize(t.value().float().numpy(),
-                                                            oq.TYPES[kind]).dequantize())
+                held = {id(t): torch.from_numpy(oq.roundtrip(t.value().float().numpy(), kind))
                         for t in tensors}
-
-                def weight(t, held=held):
-                    return held.get(id(t), t.value())
-
-                with torch.no_grad():
-                    logp = torch.log_softmax(
-                        ReferenceExecutor(model, device, weight).logits(calib.ids, calib.mask), -1)
-                out[g][kind] = max(0.0, float((ref.exp() * (ref - logp)).sum(-1)[mask].mean()))
+                out[g][kind] = kl(lambda t, held=held: held.get(id(t), t.value()))
                 bar.update(1)
     return out
 
