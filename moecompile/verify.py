@@ -133,17 +133,19 @@ def verify_onnx(model: ir.Model, onnx_path: Path, numerics, device: str | None =
     cut = len(ids) - CACHED_STEPS
     try:  # an op this onnxruntime (or provider) lacks fails here: a reason, not a crash
         decoder = OnnxDecoder(onnx_path, device)
-        got = decoder.sequence_logits(ids)
-        prefix = np.asarray([ids[:cut]], dtype=np.int64)
-        _, cache = decoder.step(prefix, np.ones_like(prefix), decoder.empty_cache(1))
+        full = np.asarray([ids], dtype=np.int64)
+        logits, cache = decoder.step(full, np.ones_like(full), decoder.empty_cache(1))
+        got = logits[0]
+        # keys and values at positions < cut depend on those tokens only: the prefix's cache
+        cache = {name: kv[:, :, :cut] for name, kv in cache.items()}
         stepped = []
         for t in range(cut, len(ids)):
             logits, cache = decoder.step(np.asarray([[ids[t]]]), np.ones((1, t + 1), np.int64),
                                          cache)
             stepped.append(logits[0, -1])
+    except MemoryError:
+        raise
     except Exception as exc:  # onnxruntime's own exception types differ by version
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
-            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VerificationError(f"onnxruntime could not run {onnx_path.name}: {first}") from None
     scale = max(1.0, float(np.abs(got).max()))

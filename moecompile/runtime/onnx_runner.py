@@ -35,7 +35,11 @@ class OnnxDecoder:
                            if i.name.startswith("past_key_values.")]
         self.kv_shape = {i.name: (i.shape[1], i.shape[3]) for i in self.session.get_inputs()
                          if i.name in self.past_names}
+        outputs = [o.name for o in self.session.get_outputs()]
         self.vocab = self.session.get_outputs()[0].shape[-1]
+        # the output that continues each past input: past_key_values.N.key -> present.N.key
+        self.present_of = {n: outputs.index(n.replace("past_key_values.", "present."))
+                           for n in self.past_names}
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, h, 0, d), np.float32) for n, (h, d) in self.kv_shape.items()}
@@ -48,9 +52,7 @@ class OnnxDecoder:
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                 "position_ids": positions.astype(np.int64), **cache}
         out = self.session.run(None, feed)
-        names = [o.name for o in self.session.get_outputs()]
-        present = dict(zip(names[1:], out[1:]))
-        return out[0], {n: present[n.replace("past_key_values.", "present.")] for n in self.past_names}
+        return out[0], {n: out[i] for n, i in self.present_of.items()}
 
     def sequence_logits(self, ids: list[int]) -> np.ndarray:
         """float32 logits (len(ids), vocab) of one sequence from an empty cache."""
