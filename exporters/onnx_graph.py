@@ -28,10 +28,13 @@ class Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.data, self.location = data, location
-        self.weight_bytes = 0
         self.written: list[dict] = []  # name, type, shape, bytes of every weight, for reports
         self._count: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w["bytes"] for w in self.written)
 
     def fresh(self, hint: str) -> str:
         n = self._count.get(hint, 0)
@@ -76,7 +79,6 @@ class Graph:
             else:
                 tensor.raw_data = array.tobytes()
         self.initializers.append(tensor)
-        self.weight_bytes += array.nbytes
         self.written.append({"name": name, "type": TensorProto.DataType.Name(tensor.data_type),
                              "shape": list(tensor.dims), "bytes": array.nbytes})
         return name
