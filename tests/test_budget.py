@@ -198,40 +198,31 @@ def _uniform_and_auto(tmp_path, qtype: str) -> tuple[Path, Path]:
     return uniform, auto
 
 
-@needs_bundled
-def test_quant_auto_is_closer_to_the_original_than_uniform_q4_k_at_the_same_size(tmp_path):
-    """On the bundled model: --quant auto with the bytes of uniform Q4_K has a lower KL to the
-    original. (Not its accuracy: at this size auto scored 0.5 points below plain Q4_K over 3000
-    prompts, paired CI [-0.9, -0.1]; see the README's bench_quant tables and the Q3_K test.)"""
-    from moecompile.evaluation import evaluate
-
-    uniform, auto = _uniform_and_auto(tmp_path, "q4_k")
-    kl = {p: evaluate(str(p), base=str(BUNDLED), tasks=["add", "sort"], n=16,
-                      progress=False)["kl"] for p in (uniform, auto)}
-    assert kl[auto] < kl[uniform]
-
-
 ACCURACY_MARGIN = 0.03  # non-inferiority margin: 3 points of mean task accuracy
 
 
 @needs_bundled
-def test_quant_auto_is_as_accurate_as_uniform_q3_k_at_its_size(tmp_path):
-    """The accuracy half of "auto at a size is at least as good as the uniform type of that
-    size", on the bundled model at Q3_K's size: over the same 600 test prompts (100 per task),
-    the paired 95% confidence interval of accuracy(auto) - accuracy(Q3_K) lies above
-    -ACCURACY_MARGIN (auto is not worse by 3 points or more), and auto's KL is lower."""
+@pytest.mark.parametrize("qtype", ["q6_k", "q4_k", "q3_k"])
+def test_quant_auto_is_at_least_as_good_as_the_uniform_type_of_its_size(tmp_path, qtype):
+    """"auto at a size is at least as good as the uniform type of that size", on the bundled
+    model at every size where auto has a choice (at Q8_0's it keeps Q8_0, at Q2_K's only
+    Q2_K fits): auto's KL to the original is lower, and over the same 600 test prompts (100 per
+    task) the paired 95% confidence interval of accuracy(auto) - accuracy(uniform) lies above
+    -ACCURACY_MARGIN. A margin, not "auto >= uniform": at 600 prompts two models this close to
+    the original differ on a handful of prompts, and which one wins changes with the prompts
+    (tools/bench_quant.py measures the difference itself on 5509)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_quant import measure, paired_difference
 
     from moecompile.evaluation import open_backend
     from moecompile.tasks import TASKS
 
-    uniform, auto = _uniform_and_auto(tmp_path, "q3_k")
+    uniform, auto = _uniform_and_auto(tmp_path, qtype)
     base = open_backend(BUNDLED)
     u, a = (measure(p, base, list(TASKS), 100) for p in (uniform, auto))
+    assert a["kl"] < u["kl"]
     pair = paired_difference(a["correct"], u["correct"])
     assert pair["low"] > -ACCURACY_MARGIN, pair
-    assert a["kl"] < u["kl"]
 
 
 def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys):

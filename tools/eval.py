@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="the original model to compare against (KL, top-1 agreement)")
     p.add_argument("--tasks", default="all", help="comma-separated task names, 'all' or 'none'")
     p.add_argument("--ppl", action="store_true", help="perplexity on held-out stdlib source")
-    p.add_argument("--n", type=int, default=200, help="test examples per task")
+    p.add_argument("--n", type=int, default=200,
+                   help="test examples per task (all of a task's test split where it has "
+                   "fewer: add has 509)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--quiet", action="store_true")

@@ -23,7 +23,8 @@ def _batches(items: list, size: int):
 
 def task_accuracy(backend: Backend, task: str, n: int, batch_size: int = 32,
                   progress: bool = True) -> dict:
-    exs = examples(task, "test", n)
+    """Greedy exact-match accuracy on `n` test prompts (all of them where the task has fewer)."""
+    exs = examples(task, "test", n, at_most=True)
     max_new = max(len(backend.encode(e.answer)) for e in exs) + 2
     correct: list[bool] = []  # per prompt, in examples() order: paired comparisons need it
     for batch in tqdm(list(_batches(exs, batch_size)), desc=f"{task}", disable=not progress,

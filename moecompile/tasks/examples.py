@@ -23,8 +23,10 @@ class Example:
     answer: str  # starts with a space, ends with "\n"
 
 
-def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
-    """`n` distinct examples of `task` from `split`; the same arguments give the same list."""
+def examples(task: str, split: str, n: int, seed: int = 0, at_most: bool = False) -> list[Example]:
+    """`n` distinct examples of `task` from `split`; the same arguments give the same list, and
+    a smaller `n` its prefix. Some tasks have few distinct prompts (add: about 500 per split):
+    asking for more raises ValueError, or with `at_most` gives all the split has."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if split not in SPLITS:
@@ -37,6 +39,8 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     while len(out) < n:
         budget -= 1
         if budget < 0:
+            if at_most:
+                break
             raise ValueError(f"task {task!r} has fewer than {n} distinct {split} prompts")
         prompt, answer = generate(rng)
         if prompt in seen or split_of(prompt) != split:
