@@ -46,11 +46,13 @@ Z95 = 1.959964
 
 
 def measure(model: "str | Backend", base: "Backend | None", tasks: list[str], n: int) -> dict:
-    """evaluate() on `tasks`, plus `correct`: each prompt's outcome, task by task."""
+    """evaluate() on `tasks`: accuracy overall and per task, plus `correct`: each prompt's
+    outcome, task by task."""
     result = evaluate(model, base=base, tasks=tasks, n=n, progress=False)
     correct = [c for task in tasks for c in result["tasks"][task]["correct"]]
     return {"kl": result.get("kl", 0.0), "top1": result.get("top1_agreement", 1.0),
-            "accuracy": sum(correct) / len(correct), "correct": correct}
+            "accuracy": sum(correct) / len(correct), "correct": correct,
+            "tasks": {task: result["tasks"][task]["accuracy"] for task in tasks}}
 
 
 def paired_difference(a: list[bool], b: list[bool]) -> dict:
@@ -130,6 +132,12 @@ def print_tables(rows: list[dict], original: dict, compared: list[dict]) -> None
     for r in rows:
         print(f"| {r['config']} | {r['weights_bytes'] / 2**20:.2f} | {r['kl']:.5f} | "
               f"{r['top1']:.3f} | {r['accuracy']:.3f} |")
+    tasks = list(original["tasks"])
+    print("\nAccuracy per task (the same prompts for every configuration):\n")
+    print("| configuration | " + " | ".join(tasks) + " |")
+    print("|---|" + "---:|" * len(tasks))
+    for r in [original, *rows]:
+        print(f"| {r['config']} | " + " | ".join(f"{r['tasks'][t]:.3f}" for t in tasks) + " |")
     print("\n| auto vs | accuracy difference | 95% CI (paired) | prompts only auto / only "
           "uniform got right |")
     print("|---|---:|---:|---:|")
