@@ -63,16 +63,17 @@ def plan(model: ir.Model, tensors: list[tuple[str, int]], gguf_name: str, contex
         ratio = 0.0 if name.startswith("token_embd") else (ratio_exps if exps else 1.0)
         return (-ratio, -_layer(name) if exps else _layer(name), name)
 
-    gpu, cpu, used = [], [], reserve
+    gpu, cpu, used, on_cpu = [], [], reserve, 0
     for name, nbytes in sorted(tensors, key=priority):
         if not name.startswith("token_embd") and used + nbytes <= gpu_mem:
             gpu.append(name)
             used += nbytes
         else:
             cpu.append(name)
+            on_cpu += nbytes
     # the host also keeps a compute buffer, ggml-cpu's work buffer and the runtime's own memory
     host = compute + work_bytes(model, context) + runtime_bytes(model, context)
-    ram_bytes = sum(b for n, b in tensors if n in set(cpu)) + host
+    ram_bytes = on_cpu + host
     if ram_bytes > ram:
         raise UserError(f"the plan needs {format_size(ram_bytes)} of RAM beyond the GPU's "
                         f"{format_size(gpu_mem)}, more than --ram {format_size(ram)}")
