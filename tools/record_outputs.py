@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,13 +46,13 @@ COMMANDS: dict[str, list[str]] = {
     "quant-q4_k": ["--quant", "q4_k", "-o", "{out}/"],
     "quant-q8_0-imatrix": ["--quant", "q8_0", "--calib", "add", "--calib-n", "4", "-o", "{out}/"],
     "quant-map": ["--quant-map", "{out}/map.json", "-o", "{out}/m.gguf"],
-    "quant-auto": ["--quant", "auto", "--budget", "12MB", "--calib", "all", "--calib-n", "2",
+    "quant-auto": ["--quant", "auto", "--budget", "17MB", "--calib", "all", "--calib-n", "2",
                    "--ctx", "256", "-o", "{out}/"],
-    "quant-auto-prune": ["--quant", "auto", "--budget", "5MB", "--allow-prune",
+    "quant-auto-prune": ["--quant", "auto", "--budget", "10.7MB", "--allow-prune",
                          "--prune-method", "frequency", "--calib", "add", "--calib-n", "4",
                          "--ctx", "128", "-o", "{out}/"],
     "budget-check": ["--budget", "1GB", "-o", "{out}/m.gguf"],
-    "offload": ["--quant", "q8_0", "--gpu-mem", "8MB", "--ram", "1GB", "--ctx", "512",
+    "offload": ["--quant", "q8_0", "--gpu-mem", "16MB", "--ram", "1GB", "--ctx", "512",
                 "-o", "{out}/m.gguf"],
     "prune-eep": ["--experts", "4", "--calib", "add,sort", "--calib-n", "4",
                   "--search-budget", "40", "--seed", "1", "-o", "{out}/m.gguf"],
