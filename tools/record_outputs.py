@@ -161,6 +161,7 @@ def run_command(name: str, args: list[str], work: Path) -> dict:
                           capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONHASHSEED": "0"})
     stdout = proc.stdout.replace(str(folder), "<out>").replace(str(MODEL), "<model>")
+    stdout = re.sub(r"\d+(\.\d+)? s\b", "<s>", stdout)
     stderr = proc.stderr.strip().splitlines()
     return {"args": args, "exit": proc.returncode, "stdout": stdout,
             "stderr_last": re.sub(r"\d+(\.\d+)? s\b", "<s>", stderr[-1]) if stderr else "",
