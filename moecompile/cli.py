@@ -1,8 +1,9 @@
 """`moecompile MODEL --target gguf -o OUT.gguf`: the command line.
 
-Exit codes: 0 success, 1 the export failed verification (the file is kept under a name that
+It parses the flags into a frozen `Options`, runs the job (job.py) and maps what happens onto
+exit codes: 0 success, 1 the export failed verification (the file is kept under a name that
 says so), 2 bad input or an impossible request (one line on stderr, nothing written),
-3 an internal error (a bug), 130 interrupted (nothing left behind).
+3 an internal error (a bug), 130 interrupted (nothing left behind). Nothing else lives here.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from . import __version__
-from .errors import UserError, VerificationError
+from .errors import InternalError, UserError, VerificationError
 
 log = logging.getLogger("moecompile")
 
@@ -89,19 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip running the export in its runtime against the reference")
     p.add_argument("--device", default=None, help="torch device of the reference executor "
                    "(default: cuda when available, else cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"moecompile {__version__}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .job import run
+    from .options import Options
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="moecompile: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
+                        format="moecompile: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temp file
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     try:
-        return run(args)
+        return run(Options.from_namespace(args), say).exit_code
     except UserError as exc:
         if args.debug:
             raise
@@ -121,76 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"moecompile: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    except InternalError as exc:
+        if args.debug:
+            raise
+        print(f"moecompile: internal error: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 3
     except Exception as exc:  # a bug: say so in one line; --debug shows the traceback
         if args.debug:
             raise
         print(f"moecompile: internal error: {type(exc).__name__}: {exc} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 3
-
-
-def run(args: argparse.Namespace) -> int:
-    from . import frontend, pipeline, target_onnx
-    from .compile import compile_gguf
-    from .ir import format_ir
-
-    budget = pipeline.check_args(args)
-    if args.target == "onnx":
-        target_onnx.check_args(args)
-    elif args.onnx_moe != "auto":
-        raise UserError("--onnx-moe applies to --target onnx")
-    model = frontend.load(args.model)
-    model = pipeline.apply_passes(model, args, budget)
-    if args.print_ir:
-        print(format_ir(model))
-        if not args.output:
-            return 0
-    if not args.output:
-        raise UserError("no output given: use -o OUT.gguf (or --print-ir to inspect the model)")
-    if args.target == "onnx":
-        kind = "mixed" if args.quant == "auto" or args.quant_map else args.quant or "f32"
-        out = resolve_output(args.output, model.source, kind, ".onnx")
-        result = target_onnx.compile_model(model, args, out)
-        print(result.summary())
-        return 0 if result.passed else 1
-    dtype = args.dtype if args.dtype != "auto" else pipeline.auto_dtype(model)
-    out = resolve_output(args.output, model.source, args.quant or dtype)
-    try:
-        quant, imatrix, extra = pipeline.quant_types(model, args, out)
-    except pipeline.NeedsPruning as exc:
-        if not args.allow_prune or exc.experts is None:
-            raise
-        model = pipeline.prune_for_budget(model, args, exc.experts)
-        quant, imatrix, extra = pipeline.quant_types(model, args, out)
-    if quant is not None and not args.quant:
-        out = resolve_output(args.output, model.source, "mixed")
-    result = compile_gguf(model, out, dtype=dtype, verify=not args.no_verify, quant=quant,
-                          imatrix=imatrix, extra_report=extra,
-                          device=args.device, progress=not args.quiet)
-    print(result.summary())
-    if args.gpu_mem:
-        pipeline.offload(model, args, result)
-    return 0 if result.passed else 1
-
-
-def resolve_output(output: str, source: str, dtype: str, suffix: str = ".gguf") -> Path:
-    """OUT.gguf as given, or DIR/<model>-<dtype>.gguf for a folder (.onnx for --target onnx);
-    check it can be written."""
-    out = Path(output)
-    if output.endswith(("/", "\\")) or out.is_dir():
-        if not out.exists() and out.parent.is_dir():
-            out.mkdir()  # `-o out/` names a folder to write into: create one level, like cp
-        out = out / f"{Path(source).name}-{dtype}{suffix}"
-    if out.suffix != suffix:
-        raise UserError(f"{out}: output for --target {suffix[1:]} must end in {suffix}")
-    parent = out.parent
-    if not parent.exists():
-        raise UserError(f"{out}: output folder {parent} does not exist")
-    if not parent.is_dir():
-        raise UserError(f"{out}: {parent} is not a folder")
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder")
-    return out
 
 
 if __name__ == "__main__":

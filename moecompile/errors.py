@@ -3,6 +3,7 @@
 A `UserError` is anything the user can fix (bad input, impossible request, a model the target
 cannot run faithfully): the CLI prints its message on one line and exits with code 2.
 A `VerificationError` means an export was written but does not compute what it should (exit 1).
+An `InternalError` is a bug of moecompile's own, e.g. a pass that left a broken IR (exit 3).
 """
 
 
@@ -12,3 +13,7 @@ class UserError(Exception):
 
 class VerificationError(Exception):
     """The exported file disagrees with the reference executor."""
+
+
+class InternalError(Exception):
+    """A bug: moecompile broke one of its own invariants; the message names where."""

@@ -7,6 +7,11 @@ pipeline of passes over a 100 GB checkpoint costs nothing until an exporter stre
 
 Passes return new IR objects (dataclasses.replace) and append to `Model.history`; `verify`
 checks the invariants every exporter relies on and runs after every pass.
+
+Weight types are IR data too: `Model.types` maps IR tensor paths ("blocks.0.attn.q",
+"lm_head", ...) to the type a target stores them in ("q4_k", "int4", "f32", ...). Paths, not
+tensor handles, are the key: a tied embedding is one handle at two paths ("embed" and
+"lm_head"), and a target may store the two differently.
 """
 
 from __future__ import annotations
@@ -75,19 +80,6 @@ class Load(Recipe):
 
 
 @dataclass(frozen=True, eq=False)
-class Stack(Recipe):
-    """Stack several tensors along a new leading axis (e.g. experts into one 3-D tensor)."""
-
-    parts: tuple[Tensor, ...]
-
-    def evaluate(self) -> torch.Tensor:
-        return torch.stack([p.value() for p in self.parts])
-
-    def describe(self) -> str:
-        return f"stack({len(self.parts)})"
-
-
-@dataclass(frozen=True, eq=False)
 class Rows(Recipe):
     """Selected rows of a tensor, in the given order (a pruned router keeps its experts' rows)."""
 
@@ -149,11 +141,6 @@ def combined(parts: list[Tensor], coeffs: list[float]) -> Tensor:
         raise ValueError("a combination needs at least one non-zero coefficient")
     return Tensor(parts[0].shape, "f32", Combine(tuple(p for _, p in pairs),
                                                  tuple(float(c) for c, _ in pairs)))
-
-
-def stacked(parts: list[Tensor]) -> Tensor:
-    first = parts[0]
-    return Tensor((len(parts), *first.shape), first.dtype, Stack(tuple(parts)))
 
 
 # ----------------------------------------------------------------------------------- nodes
@@ -267,6 +254,9 @@ class Model:
     tokenizer: Tokenizer | None = None
     source: str = ""
     history: tuple[dict, ...] = field(default_factory=tuple)
+    # IR path -> weight type in the target's vocabulary; empty until a target chooses them.
+    # Never mutated: `with_types` returns a new model.
+    types: dict[str, str] = field(default_factory=dict)
 
     def tensors(self) -> list[tuple[str, Tensor]]:
         """Every weight with a readable path, in a stable order."""
@@ -277,10 +267,19 @@ class Model:
         out += [("final_norm", self.final_norm), ("lm_head", self.lm_head)]
         return out
 
+    def tensor_map(self) -> dict[str, Tensor]:
+        """IR path -> tensor (a tied head appears under both of its paths)."""
+        return dict(self.tensors())
+
     def with_history(self, entry: dict) -> "Model":
         from dataclasses import replace
 
         return replace(self, history=self.history + (entry,))
+
+    def with_types(self, types: dict[str, str]) -> "Model":
+        from dataclasses import replace
+
+        return replace(self, types=dict(types))
 
 
 def _node_tensors(prefix: str, node) -> list[tuple[str, Tensor]]:
@@ -302,7 +301,8 @@ def _node_tensors(prefix: str, node) -> list[tuple[str, Tensor]]:
 
 
 class IRError(UserError):
-    """The IR broke an invariant (a frontend or pass bug, or an impossible request)."""
+    """The IR broke an invariant. Raised while reading a checkpoint it is bad input (exit 2);
+    the pass manager turns one raised after a pass into an internal error naming the pass."""
 
 
 def verify(model: Model) -> Model:
@@ -372,6 +372,10 @@ def verify(model: Model) -> Model:
             _expect_mlp(expect, ffn.mlp, d, ffn.mlp.gate.shape[0], f"{at} dense mlp")
         elif ffn is not None:
             problems.append(f"{at}: unknown ffn {type(ffn).__name__}")
+    if model.types:
+        stray = sorted(set(model.types) - {name for name, _ in model.tensors()})
+        if stray:
+            problems.append(f"weight types for paths the model does not have: {stray[:3]}")
     if problems:
         raise IRError("invalid IR: " + "; ".join(problems))
     return model
@@ -393,28 +397,34 @@ def format_ir(model: Model) -> str:
         f"  hidden={model.hidden} vocab={model.vocab} context={model.context_length} "
         f"norm_eps={model.norm_eps:g} rope(theta={model.rope.theta:g}, dim={model.rope.dim}, "
         f"{model.rope.style})",
-        f"  embed {_fmt(model.embed)}   lm_head {_fmt(model.lm_head)}"
+        f"  embed {_fmt(model, 'embed', model.embed)}   lm_head "
+        f"{_fmt(model, 'lm_head', model.lm_head)}"
         + ("  (tied)" if model.lm_head is model.embed else ""),
     ]
     for i, b in enumerate(model.blocks):
         a = b.attn
         attn = (f"attn heads={a.n_heads} kv={a.n_kv_heads} head_dim={a.head_dim}"
                 + (f" qk_norm={a.qk_norm}" if a.qk_norm != "none" else "")
-                + (" bias" if a.q_bias is not None else "") + f" [{a.q.dtype}]")
+                + (" bias" if a.q_bias is not None else "")
+                + f" [{_types(model, f'blocks.{i}.attn.', a.q.dtype)}]")
         ffn = b.ffn
         if isinstance(ffn, MoE):
             f = ffn.experts[0].gate.shape[0]
             desc = (f"moe experts={ffn.n_experts} top_k={ffn.top_k} ffn={f} {ffn.scoring}"
-                    f"{' renorm' if ffn.norm_topk else ''} [{ffn.experts[0].gate.dtype}]")
+                    f"{' renorm' if ffn.norm_topk else ''} "
+                    f"[{_types(model, f'blocks.{i}.ffn.experts.', ffn.experts[0].gate.dtype)}]")
             if ffn.router_map is not None:
                 desc += f" router-map {ffn.n_experts}x{ffn.router.weight.shape[0]}"
             if ffn.shared is not None:
                 desc += (f" + shared ffn={ffn.shared.mlp.gate.shape[0]}"
-                         + (" sigmoid-gated" if ffn.shared.gate is not None else ""))
+                         + (" sigmoid-gated" if ffn.shared.gate is not None else "")
+                         + (f" [{_types(model, f'blocks.{i}.ffn.shared.mlp.', '')}]"
+                            if model.types else ""))
         elif ffn is None:
             desc = "no ffn (MoE sublayer dropped)"
         else:
-            desc = f"dense ffn={ffn.mlp.gate.shape[0]} [{ffn.mlp.gate.dtype}]"
+            desc = (f"dense ffn={ffn.mlp.gate.shape[0]} "
+                    f"[{_types(model, f'blocks.{i}.ffn.mlp.', ffn.mlp.gate.dtype)}]")
         lines.append(f"  block {i:>3}: {attn} | {desc}")
     for entry in model.history:
         lines.append(f"  pass {entry.get('pass')}: "
@@ -422,5 +432,19 @@ def format_ir(model: Model) -> str:
     return "\n".join(lines)
 
 
-def _fmt(t: Tensor) -> str:
-    return f"{'x'.join(map(str, t.shape))} {t.dtype}"
+_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _fmt(model: Model, path: str, t: Tensor) -> str:
+    stored = f" -> {model.types[path]}" if path in model.types else ""
+    return f"{'x'.join(map(str, t.shape))} {t.dtype}{stored}"
+
+
+def _types(model: Model, prefix: str, dtype: str) -> str:
+    """The source dtype of a node, and once types are chosen the types of its matrices
+    (several when they differ, e.g. 'bf16 -> q4_k/q6_k'); routers are left out."""
+    chosen = sorted({t for p, t in model.types.items() if p.startswith(prefix)
+                     and p.rsplit(".", 1)[-1] in _MATRICES})
+    if not chosen:
+        return dtype
+    return f"{dtype} -> {'/'.join(chosen)}" if dtype else "/".join(chosen)

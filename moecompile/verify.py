@@ -1,4 +1,5 @@
-"""Verification: run an exported file in its real runtime and compare with the reference executor.
+"""Verification: compare what an exported file computes in its real runtime with the reference
+executor. Each target runs its file (exporters/*/target.py); the decision is made here.
 
 The reference is run on the *same numerics* the file holds: every weight is rounded to the type
 it was stored in (F16, BF16, Q8_0 …), and every matmul input the way the runtime's kernels round
@@ -9,19 +10,12 @@ cost.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import ir
-from .errors import VerificationError
 from .runtime import ReferenceExecutor
 
 N_TOKENS = 128
@@ -84,74 +78,11 @@ def compare(name: str, got: np.ndarray, same: np.ndarray, floating: np.ndarray, 
                         int((per_token > tol).sum()))
 
 
-def run_llama_cpp(gguf_path: Path, ids: list[int], n_gpu_layers: int = 0) -> np.ndarray:
-    """Logits from llama.cpp, computed in a subprocess so an abort cannot take us down."""
-    with tempfile.TemporaryDirectory(prefix="moecompile-verify-") as tmp:
-        ids_file, out_file = Path(tmp, "ids.json"), Path(tmp, "logits.npy")
-        ids_file.write_text(json.dumps(ids))
-        proc = subprocess.run(
-            [sys.executable, "-m", "moecompile.runtime.llama_worker", str(gguf_path),
-             str(ids_file), str(out_file), str(n_gpu_layers)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if proc.returncode != 0 or not out_file.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise VerificationError(f"llama.cpp could not run {gguf_path.name} (exit "
-                                    f"{proc.returncode}): {' | '.join(tail) or 'no message'}")
-        return np.load(out_file)
-
-
-def verify_gguf(model: ir.Model, gguf_path: Path, numerics, device: str | None = None,
-                n_gpu_layers: int = 0) -> VerifyResult:
-    """Run `gguf_path` in llama.cpp and compare with the reference on `numerics`
-    (exporters.gguf.StoredNumerics: the export's weight and kernel-input rounding)."""
-    ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
-    got = run_llama_cpp(gguf_path, ids, n_gpu_layers)
-    return compare_with_reference("llama.cpp", got, model, ids, numerics, device)
-
-
 def compare_with_reference(name: str, got: np.ndarray, model: ir.Model, ids: list[int],
                            numerics, device: str | None) -> VerifyResult:
     """`compare` a runtime's logits for `ids` with the reference executor on the file's
     numerics (and, when those are rounded, on the float weights too)."""
     tokens = torch.tensor([ids])
-    same = ReferenceExecutor(model, device, numerics.weight, numerics.input).logits(tokens)
+    same = ReferenceExecutor(model, device, numerics).logits(tokens)
     floating = same if numerics.exact else ReferenceExecutor(model, device).logits(tokens)
     return compare(name, got, same[0].cpu().numpy(), floating[0].cpu().numpy(), numerics.exact)
-
-
-CACHED_STEPS = 4  # tokens re-run one at a time through the KV cache during verification
-
-
-def verify_onnx(model: ir.Model, onnx_path: Path, numerics, device: str | None = None) -> VerifyResult:
-    """Run `onnx_path` in ONNX Runtime and compare with the reference on `numerics`
-    (exporters.onnx.OnnxNumerics). The last CACHED_STEPS tokens are also decoded one at a time
-    through the KV cache; their logits must match the full pass, so a broken cache fails too."""
-    from .runtime.onnx_runner import OnnxDecoder
-
-    ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
-    cut = len(ids) - CACHED_STEPS
-    try:  # an op this onnxruntime (or provider) lacks fails here: a reason, not a crash
-        decoder = OnnxDecoder(onnx_path, device)
-        full = np.asarray([ids], dtype=np.int64)
-        logits, cache = decoder.step(full, np.ones_like(full), decoder.empty_cache(1))
-        got = logits[0]
-        # keys and values at positions < cut depend on those tokens only: the prefix's cache
-        cache = {name: kv[:, :, :cut] for name, kv in cache.items()}
-        stepped = []
-        for t in range(cut, len(ids)):
-            logits, cache = decoder.step(np.asarray([[ids[t]]]), np.ones((1, t + 1), np.int64),
-                                         cache)
-            stepped.append(logits[0, -1])
-    except MemoryError:
-        raise
-    except Exception as exc:  # onnxruntime's own exception types differ by version
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"onnxruntime could not run {onnx_path.name}: {first}") from None
-    scale = max(1.0, float(np.abs(got).max()))
-    cache_diff = float(np.abs(np.stack(stepped) - got[cut:]).max())
-    if cache_diff > 1e-3 * scale:
-        raise VerificationError(f"{onnx_path.name}: logits through the KV cache differ from the "
-                                f"full pass by {cache_diff:.3g}")
-    provider = decoder.session.get_providers()[0].replace("ExecutionProvider", "")
-    return compare_with_reference(f"onnxruntime ({provider})", got, model, ids, numerics, device)

@@ -3,18 +3,21 @@
 It is the numerical ground truth of the project: verification compares exported files with it,
 and calibration and pruning search run on it. It follows the Hugging Face modelling code of each
 family operation for operation (float32, RMSNorm, NEOX rope, GQA, softmax routing, SwiGLU experts),
-and is tested against transformers' own forward pass.
+and is tested against transformers' own forward pass. It is also the only place that says how a
+family routes (`route`): fitness, baselines and expert plans call it, targets only lower it.
 
-Weights are materialised on first use through `weight_fn` (by default the IR handle's own
-data). Verification runs the same graph on the exact numbers an export holds by passing a
-`weight_fn` that rounds weights to their stored type and an `input_fn` that rounds each matmul's
-input the way the runtime's kernel does (llama.cpp's CPU kernels quantize activations to Q8_0
-for Q8_0 weights and round them to F16/BF16 for F16/BF16 weights).
+Weights are addressed by IR path ("blocks.0.attn.q", "lm_head") and materialised on first use
+through a `Numerics` (by default the IR handle's own data, as float32). Verification runs the
+same graph on the exact numbers an export holds by passing numerics that round each weight to
+its stored type and each matmul's input the way the runtime's kernel does (llama.cpp's CPU
+kernels quantize activations to Q8_0 for Q8_0 weights and round them to F16/BF16 for F16/BF16
+weights). Paths, not handles, are the key: a tied embedding is one handle read as "embed" and
+as "lm_head", and a file may store the two differently.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,53 +29,93 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class Numerics(Protocol):
+    """The numbers a runtime computes with: each weight's value and each matmul's input."""
+
+    exact: bool  # every weight as the source holds it and no input rounding
+
+    def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor: ...
+
+    def input(self, path: str, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class SourceNumerics:
+    """The checkpoint's own values, unrounded: the float model."""
+
+    exact = True
+
+    def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor:
+        return tensor.value()
+
+    def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class InputHook(SourceNumerics):
+    """Float weights, and `hook(path, x)` sees every matmul input (calibration observers)."""
+
+    def __init__(self, hook: Callable[[str, torch.Tensor], None]):
+        self.hook = hook
+
+    def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        self.hook(path, x)
+        return x
+
+
 class ReferenceExecutor:
     def __init__(self, model: ir.Model, device: str | None = None,
-                 weight_fn: Callable[[ir.Tensor], torch.Tensor] | None = None,
-                 input_fn: Callable[[ir.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 numerics: Numerics | None = None):
         self.model = model
         self.device = torch.device(device or default_device())
-        self._weight_fn = weight_fn or (lambda t: t.value())
-        self._input_fn = input_fn
+        self.numerics = numerics or SourceNumerics()
+        self.tensors = model.tensor_map()
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ weights
-    def w(self, t: ir.Tensor | None) -> torch.Tensor | None:
-        """The float32 value of an IR tensor on the executor's device, cached by identity."""
-        if t is None:
-            return None
-        hit = self._cache.get(id(t))
+    def w(self, path: str) -> torch.Tensor | None:
+        """The float32 value of the IR tensor at `path` on the executor's device (None when
+        the model has none there, e.g. a missing bias), cached by path."""
+        hit = self._cache.get(path)
         if hit is None:
-            hit = self._weight_fn(t).to(device=self.device, dtype=torch.float32)
-            self._cache[id(t)] = hit
+            tensor = self.tensors.get(path)
+            if tensor is None:
+                return None
+            hit = self.numerics.weight(path, tensor).to(device=self.device, dtype=torch.float32)
+            self._cache[path] = hit
         return hit
 
-    def linear(self, x: torch.Tensor, weight: ir.Tensor, bias: ir.Tensor | None = None):
-        """x @ weight.T (+ bias), with x rounded as the runtime's kernel for `weight` would."""
-        if self._input_fn is not None:
-            x = self._input_fn(weight, x)
-        return F.linear(x, self.w(weight), self.w(bias))
+    def linear(self, x: torch.Tensor, path: str, bias: str | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias), with x rounded as the runtime's kernel for the weight would."""
+        return F.linear(self.numerics.input(path, x), self.w(path),
+                        None if bias is None else self.w(bias))
 
-    def mlp(self, x: torch.Tensor, mlp: ir.Expert, gate=None, up=None, down=None):
-        """SwiGLU; `gate/up/down` override the weights (slices of stacked experts)."""
-        fn = self._input_fn or (lambda t, z: z)
-        xg = fn(mlp.gate, x)
-        h = F.silu(xg @ (self.w(mlp.gate) if gate is None else gate).T) * (
-            fn(mlp.up, x) @ (self.w(mlp.up) if up is None else up).T)
-        return fn(mlp.down, h) @ (self.w(mlp.down) if down is None else down).T
+    def mlp(self, x: torch.Tensor, prefix: str, gate=None, up=None, down=None) -> torch.Tensor:
+        """SwiGLU of the MLP at `prefix`; `gate/up/down` override its weights (slices of
+        stacked experts)."""
+        rounded = self.numerics.input
+        h = F.silu(rounded(f"{prefix}.gate", x) @ (self.w(f"{prefix}.gate") if gate is None
+                                                   else gate).T)
+        h = h * (rounded(f"{prefix}.up", x) @ (self.w(f"{prefix}.up") if up is None else up).T)
+        return rounded(f"{prefix}.down", h) @ (self.w(f"{prefix}.down") if down is None
+                                              else down).T
 
-    def experts_stacked(self, moe: ir.MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(E, F, D) gate, (E, F, D) up, (E, D, F) down, built once per MoE node."""
-        key = id(moe)
+    def experts_stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once."""
+        key = ("stacked", i)
         hit = self._cache.get(key)
         if hit is None:
-            hit = tuple(torch.stack([self.w(getattr(ex, name)) for ex in moe.experts])
+            n = self.model.blocks[i].ffn.n_experts
+            hit = tuple(torch.stack([self.w(f"blocks.{i}.ffn.experts.{e}.{name}")
+                                     for e in range(n)])
                         for name in ("gate", "up", "down"))
             self._cache[key] = hit
         return hit
 
-    def router_map(self, moe: ir.MoE) -> torch.Tensor:
-        key = ("router_map", id(moe))
+    def router_map(self, i: int) -> torch.Tensor | None:
+        moe = self.model.blocks[i].ffn
+        if moe.router_map is None:
+            return None
+        key = ("router_map", i)
         hit = self._cache.get(key)
         if hit is None:
             hit = torch.tensor(moe.router_map, dtype=torch.float32, device=self.device)
@@ -84,8 +127,8 @@ class ReferenceExecutor:
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); `attention_mask` marks real tokens (1)."""
         h, mask, positions = self.embed(ids, attention_mask)
-        for block in self.model.blocks:
-            h = self.block_forward(block, h, mask, positions)
+        for i in range(len(self.model.blocks)):
+            h = self.block_forward(i, h, mask, positions)
         return self.head(h)
 
     def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -99,49 +142,49 @@ class ReferenceExecutor:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        return F.embedding(ids, self.w(self.model.embed)), mask, positions
+        return F.embedding(ids, self.w("embed")), mask, positions
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(rms_norm(h, self.w(self.model.final_norm), self.model.norm_eps),
-                           self.model.lm_head)
+        return self.linear(rms_norm(h, self.w("final_norm"), self.model.norm_eps), "lm_head")
 
-    def block_forward(self, block: ir.Block, h, mask, positions):
-        return self.ffn_residual(block, self.attention_residual(block, h, mask, positions))
+    def block_forward(self, i: int, h, mask, positions):
+        return self.ffn_residual(i, self.attention_residual(i, h, mask, positions))
 
-    def attention_residual(self, block: ir.Block, h, mask, positions):
-        """h + attention(norm(h)): the block's first half."""
-        x = rms_norm(h, self.w(block.attn_norm), self.model.norm_eps)
-        return h + self.attention(block.attn, x, mask, positions)
+    def attention_residual(self, i: int, h, mask, positions):
+        """h + attention(norm(h)): block i's first half."""
+        x = rms_norm(h, self.w(f"blocks.{i}.attn_norm"), self.model.norm_eps)
+        return h + self.attention(i, x, mask, positions)
 
-    def ffn_input(self, block: ir.Block, h):
-        """norm(h): what the block's FFN (dense or MoE) reads."""
-        return rms_norm(h, self.w(block.ffn_norm), self.model.norm_eps)
+    def ffn_input(self, i: int, h):
+        """norm(h): what block i's FFN (dense or MoE) reads."""
+        return rms_norm(h, self.w(f"blocks.{i}.ffn_norm"), self.model.norm_eps)
 
-    def ffn_residual(self, block: ir.Block, h):
-        """h + FFN(norm(h)): the block's second half (h itself where the FFN was dropped)."""
-        if block.ffn is None:
+    def ffn_residual(self, i: int, h):
+        """h + FFN(norm(h)): block i's second half (h itself where the FFN was dropped)."""
+        ffn = self.model.blocks[i].ffn
+        if ffn is None:
             return h
-        x = self.ffn_input(block, h)
-        if isinstance(block.ffn, ir.MoE):
-            return h + self.moe(block.ffn, x)
-        return h + self.mlp(x, block.ffn.mlp)
+        x = self.ffn_input(i, h)
+        if isinstance(ffn, ir.MoE):
+            return h + self.moe(i, x)
+        return h + self.mlp(x, f"blocks.{i}.ffn.mlp")
 
-    def attention(self, a: ir.Attention, x, mask, positions):
+    def attention(self, i: int, x, mask, positions):
+        a, p = self.model.blocks[i].attn, f"blocks.{i}.attn"
         b, t, _ = x.shape
-        w = self.w
-        q = self.linear(x, a.q, a.q_bias)
-        k = self.linear(x, a.k, a.k_bias)
-        v = self.linear(x, a.v, a.v_bias)
+        q = self.linear(x, f"{p}.q", f"{p}.q_bias" if a.q_bias is not None else None)
+        k = self.linear(x, f"{p}.k", f"{p}.k_bias" if a.k_bias is not None else None)
+        v = self.linear(x, f"{p}.v", f"{p}.v_bias" if a.v_bias is not None else None)
         eps = self.model.norm_eps
         if a.qk_norm == "full":
-            q, k = rms_norm(q, w(a.q_norm), eps), rms_norm(k, w(a.k_norm), eps)
+            q, k = rms_norm(q, self.w(f"{p}.q_norm"), eps), rms_norm(k, self.w(f"{p}.k_norm"), eps)
         if a.clip_qkv is not None:
             q, k, v = (z.clamp(-a.clip_qkv, a.clip_qkv) for z in (q, k, v))
         q = q.view(b, t, a.n_heads, a.head_dim)
         k = k.view(b, t, a.n_kv_heads, a.head_dim)
         v = v.view(b, t, a.n_kv_heads, a.head_dim)
         if a.qk_norm == "head":
-            q, k = rms_norm(q, w(a.q_norm), eps), rms_norm(k, w(a.k_norm), eps)
+            q, k = rms_norm(q, self.w(f"{p}.q_norm"), eps), rms_norm(k, self.w(f"{p}.k_norm"), eps)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         cos, sin = rope_tables(positions, self.model.rope, self.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -151,36 +194,55 @@ class ReferenceExecutor:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         out = torch.softmax(scores, dim=-1) @ v
         out = out.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)
-        return self.linear(out, a.o)
+        return self.linear(out, f"{p}.o")
 
-    def route(self, moe: ir.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert ids and their weights for tokens x (N, D)."""
-        probs = torch.softmax(self.linear(x, moe.router.weight), dim=-1)
-        if moe.router_map is not None:
-            probs = probs @ self.router_map(moe).T
-        return select_experts(probs, moe.top_k, moe.norm_topk)
+    def router_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's router logits for tokens x (N, D)."""
+        return self.linear(x, f"blocks.{i}.ffn.router.weight")
 
-    def moe(self, moe: ir.MoE, x: torch.Tensor) -> torch.Tensor:
+    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids and their weights for tokens x (N, D) in block i."""
+        return route(self.model.blocks[i].ffn, self.router_logits(i, x), self.router_map(i))
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, weights = self.route(moe, x)
-        gate, up, down = self.experts_stacked(moe)
+        idx, weights = self.route(i, x)
+        gate, up, down = self.experts_stacked(i)
+        prefix = f"blocks.{i}.ffn.experts"
         out = combine_experts(x, idx, weights, lambda e, rows: self.mlp(
-            x[rows], moe.experts[e], gate[e], up[e], down[e]))
-        shared = self.shared_expert(moe, x)
+            x[rows], f"{prefix}.{e}", gate[e], up[e], down[e]))
+        shared = self.shared_expert(i, x)
         return (out if shared is None else out + shared).reshape(shape)
 
-    def shared_expert(self, moe: ir.MoE, x: torch.Tensor) -> torch.Tensor | None:
-        """The always-on expert's output (None when the MoE has none)."""
-        if moe.shared is None:
+    def shared_expert(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Block i's always-on expert output (None when its MoE has none)."""
+        shared = self.model.blocks[i].ffn.shared
+        if shared is None:
             return None
-        y = self.mlp(x, moe.shared.mlp)
-        if moe.shared.gate is not None:
-            y = y * torch.sigmoid(self.linear(x, moe.shared.gate))
+        p = f"blocks.{i}.ffn.shared"
+        y = self.mlp(x, f"{p}.mlp")
+        if shared.gate is not None:
+            y = y * torch.sigmoid(self.linear(x, f"{p}.gate"))
         return y
 
 
-# ---------------------------------------------------------------------- building blocks
+# ---------------------------------------------------------------------- routing semantics
+
+
+def route(moe: ir.MoE, logits: torch.Tensor, router_map: torch.Tensor | None = None,
+          top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How an MoE layer routes, given its router logits (N, R): the scoring function over the
+    router's rows, EEP's router map when the layer has one ((E, R): the probabilities of the
+    original experts mapped to the E experts kept), then the top-k experts' weights,
+    renormalised when the family does so. `top_k` overrides the layer's own (a candidate with
+    fewer experts than k)."""
+    if moe.scoring != "softmax":
+        raise NotImplementedError(f"'{moe.scoring}' routing")
+    probs = torch.softmax(logits, dim=-1)
+    if router_map is not None:
+        probs = probs @ router_map.T
+    return select_experts(probs, moe.top_k if top_k is None else top_k, moe.norm_topk)
 
 
 def select_experts(probs: torch.Tensor, k: int, renormalise: bool):

@@ -1,8 +1,9 @@
-"""Run a GGUF file in llama.cpp (llama-cpp-python) and save its logits; meant for a subprocess.
+"""Run a GGUF file in llama.cpp (llama-cpp-python) and get its logits, in a subprocess.
 
 llama.cpp aborts the whole process on some malformed files (e.g. expert_used_count >
-expert_count), so the compiler never loads a file it just wrote in its own process: it runs
-`python -m moecompile.runtime.llama_worker MODEL.gguf IDS.json OUT.npy` and reads OUT.npy.
+expert_count), so the compiler never loads a file it just wrote in its own process:
+`run_llama_cpp` runs `python -m moecompile.runtime.llama_worker MODEL.gguf IDS.json OUT.npy`
+and reads OUT.npy.
 
 The KV cache is F32 (type_k = type_v = 0): with the default F16 cache llama.cpp differs from an
 f32 reference by ~1e-2, which would hide real errors of that size.
@@ -11,7 +12,11 @@ f32 reference by ~1e-2, which would hide real errors of that size.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +39,25 @@ def sequence_logits(llm, ids: list[int]) -> np.ndarray:
 
 def run(model_path: str, ids: list[int], n_gpu_layers: int = 0) -> np.ndarray:
     return sequence_logits(open_llama(model_path, max(len(ids), 8), n_gpu_layers), ids)
+
+
+def run_llama_cpp(gguf_path: Path, ids: list[int], n_gpu_layers: int = 0) -> np.ndarray:
+    """Logits from llama.cpp, computed in a subprocess so an abort cannot take us down."""
+    from ..errors import VerificationError
+
+    with tempfile.TemporaryDirectory(prefix="moecompile-verify-") as tmp:
+        ids_file, out_file = Path(tmp, "ids.json"), Path(tmp, "logits.npy")
+        ids_file.write_text(json.dumps(ids))
+        proc = subprocess.run(
+            [sys.executable, "-m", "moecompile.runtime.llama_worker", str(gguf_path),
+             str(ids_file), str(out_file), str(n_gpu_layers)],
+            capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if proc.returncode != 0 or not out_file.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise VerificationError(f"llama.cpp could not run {gguf_path.name} (exit "
+                                    f"{proc.returncode}): {' | '.join(tail) or 'no message'}")
+        return np.load(out_file)
 
 
 def main(argv: list[str]) -> int:

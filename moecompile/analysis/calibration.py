@@ -1,9 +1,10 @@
 """Calibration data as the passes see it: token ids with the positions that are scored.
 
 Expert pruning, top-k search and quantization sensitivity all judge a candidate by running it
-on the same small set of inputs. This module turns a `--calib` spec (suite task names, a
-`.jsonl` of prompt/answer pairs, or a `.txt`) into one right-padded batch, tokenized with the
-model's own tokenizer, and records which next-token predictions count:
+on the same small set of inputs; a job builds it once and hands it to whatever needs it. This
+module turns a `--calib` spec (suite task names, a `.jsonl` of prompt/answer pairs, or a
+`.txt`) into one right-padded batch, tokenized with the model's own tokenizer, and records
+which next-token predictions count:
 
 - task examples: the answer tokens (prompt and answer tokenized separately and concatenated,
   exactly what greedy generation after the prompt sees). A candidate's accuracy is the share of

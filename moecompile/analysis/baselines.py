@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from moecompile import ir
-from moecompile.runtime.executor import (ReferenceExecutor, combine_experts, select_experts,
-                                         swiglu)
+from moecompile.runtime.executor import ReferenceExecutor, combine_experts, route, swiglu
 
-from .calib import CalibSet
+from .calibration import CalibSet
 from .expert_plan import LayerPlan, keep_plan, moe_layers
 
 MAX_SUBSETS = 2000
@@ -40,7 +39,9 @@ class LayerIO:
 
     x: torch.Tensor  # (N, D) the MoE input
     y: torch.Tensor  # (N, D) the routed experts' output (shared expert excluded)
+    logits: torch.Tensor  # (N, E) router logits
     probs: torch.Tensor  # (N, E) router softmax
+    routed: torch.Tensor  # (N, k) the experts each token is routed to
     example: torch.Tensor  # (N,) which calibration example each token belongs to
 
 
@@ -54,30 +55,28 @@ def collect_layer_io(model: ir.Model, calib: CalibSet, device: str = "cpu") -> d
     out: dict[int, LayerIO] = {}
     for i, block in enumerate(model.blocks):
         if not isinstance(block.ffn, ir.MoE):
-            h = ex.block_forward(block, h, attn_mask, positions)
+            h = ex.block_forward(i, h, attn_mask, positions)
             continue
-        h = ex.attention_residual(block, h, attn_mask, positions)
+        h = ex.attention_residual(i, h, attn_mask, positions)
         moe = block.ffn
-        x = ex.ffn_input(block, h).reshape(-1, h.shape[-1])
-        probs = torch.softmax(ex.linear(x, moe.router.weight), dim=-1)
-        idx, weights = select_experts(probs, moe.top_k, moe.norm_topk)
-        gate, up, down = ex.experts_stacked(moe)
+        x = ex.ffn_input(i, h).reshape(-1, h.shape[-1])
+        logits = ex.router_logits(i, x)
+        idx, weights = route(moe, logits)
+        gate, up, down = ex.experts_stacked(i)
         routed = combine_experts(x, idx, weights,
                                  lambda e, rows: swiglu(x[rows], gate[e], up[e], down[e]))
-        out[i] = LayerIO(x[keep], routed[keep], probs[keep], example)
-        shared = ex.shared_expert(moe, x)
+        out[i] = LayerIO(x[keep], routed[keep], logits[keep], torch.softmax(logits[keep], -1),
+                         idx[keep], example)
+        shared = ex.shared_expert(i, x)
         h = h + (routed if shared is None else routed + shared).reshape(h.shape)
     return out
 
 
-def _mix(moe: ir.MoE, probs: torch.Tensor, kept: list[int],
+def _mix(moe: ir.MoE, logits: torch.Tensor, kept: list[int],
          expert_out: torch.Tensor) -> torch.Tensor:
-    """The routed output with only `kept` experts available (the others' logits at -inf, which
-    is the same as slicing their router rows); `expert_out` (E, N, D) holds every expert's
-    output on every token."""
-    sub = probs[:, kept]
-    idx, weights = select_experts(sub / sub.sum(-1, keepdim=True), min(moe.top_k, len(kept)),
-                                  moe.norm_topk)
+    """The routed output with only `kept` experts available: their router rows sliced, as the
+    pruned model routes; `expert_out` (E, N, D) holds every expert's output on every token."""
+    idx, weights = route(moe, logits[:, kept], top_k=min(moe.top_k, len(kept)))
     return combine_experts(expert_out[0], idx, weights, lambda slot, rows: expert_out[kept[slot], rows])
 
 
@@ -93,12 +92,11 @@ def choose(method: str, model: ir.Model, io: dict[int, LayerIO], n_keep: int,
         if method == "random":
             kept = rng.sample(range(e), n_keep)
         elif method == "frequency":
-            top = layer_io.probs.topk(moe.top_k, dim=-1).indices.reshape(-1)
-            kept = _top(torch.bincount(top, minlength=e).double(), n_keep)
+            kept = _top(torch.bincount(layer_io.routed.reshape(-1), minlength=e).double(), n_keep)
         elif method == "mass":
             kept = _top(layer_io.probs.double().sum(0), n_keep)
         elif method == "reconstruct":
-            kept = _best_reconstruction(ex, moe, layer_io, n_keep, seed)
+            kept = _best_reconstruction(ex, layer, moe, layer_io, n_keep, seed)
         else:
             raise ValueError(f"unknown baseline {method!r}")
         plans[layer] = keep_plan(kept, e)
@@ -111,8 +109,8 @@ def _top(score: torch.Tensor, n: int) -> list[int]:
     return order[:n]
 
 
-def _best_reconstruction(ex: ReferenceExecutor, moe: ir.MoE, io: LayerIO, n_keep: int,
-                         seed: int) -> list[int]:
+def _best_reconstruction(ex: ReferenceExecutor, layer: int, moe: ir.MoE, io: LayerIO,
+                         n_keep: int, seed: int) -> list[int]:
     e = moe.n_experts
     if math.comb(e, n_keep) <= MAX_SUBSETS:
         subsets = [list(s) for s in itertools.combinations(range(e), n_keep)]
@@ -122,13 +120,13 @@ def _best_reconstruction(ex: ReferenceExecutor, moe: ir.MoE, io: LayerIO, n_keep
         while len(seen) < MAX_SUBSETS:
             seen.add(tuple(sorted(rng.sample(range(e), n_keep))))
         subsets = [list(s) for s in sorted(seen)]
-    gate, up, down = ex.experts_stacked(moe)
+    gate, up, down = ex.experts_stacked(layer)
     # every expert's output on every token, once (E, N, D)
     expert_out = torch.stack([swiglu(io.x, gate[j], up[j], down[j]) for j in range(e)])
     n_examples = int(io.example.max()) + 1
     best, best_loss = subsets[0], math.inf
     for kept in subsets:
-        diff = (io.y - _mix(moe, io.probs, kept, expert_out)).double()
+        diff = (io.y - _mix(moe, io.logits, kept, expert_out)).double()
         per_example = torch.zeros(n_examples, dtype=torch.float64, device=diff.device)
         per_example.index_add_(0, io.example, diff.pow(2).sum(-1))
         loss = float(per_example.sqrt().sum())

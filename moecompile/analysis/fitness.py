@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from moecompile import ir
-from moecompile.runtime.executor import (ReferenceExecutor, combine_experts, select_experts,
-                                         swiglu)
+from moecompile.runtime.executor import ReferenceExecutor, combine_experts, route, swiglu
 
-from .calib import CalibSet
+from .calibration import CalibSet
 from .expert_plan import LayerPlan, is_one_hot, moe_layers
 
 CACHE_BYTES = 1 << 30
@@ -51,10 +50,10 @@ class FitnessEvaluator:
         self.scored = self.targets != -100
         with torch.no_grad():
             h, self.mask, self.positions = self.ex.embed(ids, calib.mask.to(self.device))
-            for block in model.blocks[:self.first]:
-                h = self.ex.block_forward(block, h, self.mask, self.positions)
+            for i in range(self.first):
+                h = self.ex.block_forward(i, h, self.mask, self.positions)
         self.h_first = h
-        self._stacks = {i: self.ex.experts_stacked(model.blocks[i].ffn) for i in self.layers}
+        self._stacks = {i: self.ex.experts_stacked(i) for i in self.layers}
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self.evaluations = 0
@@ -119,11 +118,11 @@ class FitnessEvaluator:
         self._cache_bytes += size
 
     def _block(self, i: int, h: torch.Tensor, plan: LayerPlan | None) -> torch.Tensor:
-        block, ex = self.model.blocks[i], self.ex
-        h = ex.attention_residual(block, h, self.mask, self.positions)
+        ex = self.ex
+        h = ex.attention_residual(i, h, self.mask, self.positions)
         if plan is None:
-            return ex.ffn_residual(block, h)
-        return h + self._planned_moe(i, block.ffn, ex.ffn_input(block, h), plan)
+            return ex.ffn_residual(i, h)
+        return h + self._planned_moe(i, self.model.blocks[i].ffn, ex.ffn_input(i, h), plan)
 
     def _planned_moe(self, i: int, moe: ir.MoE, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         shape = x.shape
@@ -135,19 +134,21 @@ class FitnessEvaluator:
         else:
             m = torch.tensor(plan.merge, dtype=torch.float32, device=self.device)
             gate, up, down = (torch.einsum("je,e...->j...", m, w) for w in (gate, up, down))
-        router_w = self.ex.w(moe.router.weight)
+        # the candidate's router, as `apply_plans` would write it; the executor routes
+        router_w = self.ex.w(f"blocks.{i}.ffn.router.weight")
         mapping = torch.tensor(plan.router, dtype=torch.float32, device=self.device)
+        router_map = None
         if self.router_mode == "exact" and not is_one_hot(plan.router):
-            probs = torch.softmax(x @ router_w.T, dim=-1) @ mapping.T
+            logits, router_map = x @ router_w.T, mapping
         elif self.router_mode == "logits" and not is_one_hot(plan.router):
-            probs = torch.softmax(x @ (mapping @ router_w).T, dim=-1)
+            logits = x @ (mapping @ router_w).T
         else:
             rows = torch.tensor(plan.router_rows, device=self.device)
-            probs = torch.softmax(x @ router_w[rows].T, dim=-1)
-        idx, weights = select_experts(probs, min(moe.top_k, gate.shape[0]), moe.norm_topk)
+            logits = x @ router_w[rows].T
+        idx, weights = route(moe, logits, router_map, top_k=min(moe.top_k, gate.shape[0]))
         out = combine_experts(x, idx, weights,
                               lambda e, tok: swiglu(x[tok], gate[e], up[e], down[e]))
-        shared = self.ex.shared_expert(moe, x)
+        shared = self.ex.shared_expert(i, x)
         return (out if shared is None else out + shared).reshape(shape)
 
 

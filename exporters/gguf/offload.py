@@ -13,11 +13,13 @@ compute buffer. The plan is printed as a ready `llama-server` command line.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moecompile import ir
-from moecompile.budget import compute_bytes, format_size, kv_cache_bytes, runtime_bytes, work_bytes
 from moecompile.errors import UserError
+from moecompile.sizes import format_size
+
+from .memory import compute_bytes, kv_cache_bytes, runtime_bytes, work_bytes
 
 
 @dataclass
@@ -30,7 +32,6 @@ class OffloadPlan:
     command: str
     python_args: dict
     python_note: str
-    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"gpu_tensors": self.gpu, "cpu_tensors": self.cpu, "gpu_bytes": self.gpu_bytes,
@@ -81,10 +82,9 @@ def plan(model: ir.Model, tensors: list[tuple[str, int]], gguf_name: str, contex
     dense_on_cpu = [n for n in cpu if "_exps." not in n and not n.startswith("token_embd")]
     n_cpu_moe = None
     if not dense_on_cpu:
-        layers_all = {_layer(n) for n, _ in tensors if "_exps." in n}
         whole = all(all(f"blk.{i}.ffn_{p}_exps.weight" in cpu for p in ("gate", "up", "down"))
                     for i in cpu_exps)
-        if whole and cpu_exps == list(range(len(cpu_exps))) and len(cpu_exps) <= len(layers_all):
+        if whole and cpu_exps == list(range(len(cpu_exps))):
             n_cpu_moe = len(cpu_exps)
     if n_cpu_moe is not None:
         placement = f" --n-cpu-moe {n_cpu_moe}" if n_cpu_moe else ""
@@ -98,5 +98,4 @@ def plan(model: ir.Model, tensors: list[tuple[str, int]], gguf_name: str, contex
             "llama-cpp-python's Llama() has no tensor overrides (-ot / --n-cpu-moe), so it "
             "cannot keep some experts in RAM: n_gpu_layers places whole layers; use "
             "llama-server for this plan, or n_gpu_layers=0 (all on CPU)")
-    return OffloadPlan(gpu, cpu, used, ram_bytes, n_cpu_moe, command, python_args, note,
-                       {"kv_cache_bytes": kv, "compute_bytes": compute})
+    return OffloadPlan(gpu, cpu, used, ram_bytes, n_cpu_moe, command, python_args, note)

@@ -55,7 +55,6 @@ class EEPConfig:
     discrete_evals: int = 100  # phase 1 length (discrete_iter)
     max_init: int = 30
     groups: int | None = None  # None: one group per MoE layer
-    router_mode: str = "onehot"  # see expert_plan.py: onehot | exact | logits
     row_swap_prob: float = 0.15
     group_change_prob: float = 0.25
     crossover_prob: float = 0.3
@@ -74,7 +73,6 @@ class Individual:
     merge: list[np.ndarray]  # per group, (E', E)
     router: list[np.ndarray]
     fitness: float = float("-inf")
-    origin: str = ""
 
     def key(self) -> bytes:
         return b"".join(m.tobytes() + r.tobytes() for m, r in zip(self.merge, self.router))
@@ -93,9 +91,10 @@ class EEPResult:
 
 def search(evaluate, layers: list[int], n_experts: int, n_keep: int,
            starts: dict[str, dict[int, LayerPlan]], config: EEPConfig,
-           progress: bool = True) -> EEPResult:
+           router_mode: str = "onehot", progress: bool = True) -> EEPResult:
     """Run the search. `evaluate(plans) -> fitness` scores per-layer plans; `starts` are named
-    one-hot plans (the baselines) that seed the initial population."""
+    one-hot plans (the baselines) that seed the initial population; `router_mode` (see
+    expert_plan.py: onehot | exact | logits) is what the target can hold."""
     rng = np.random.default_rng(config.seed)
     groups = _groups(layers, config.groups)
     archive: list[Individual] = []
@@ -139,7 +138,6 @@ def search(evaluate, layers: list[int], n_experts: int, n_keep: int,
         # initial population: the baselines' choices, then random subsets
         for name, plans in starts.items():
             ind = _from_plans(plans, groups)
-            ind.origin = name
             add(ind)
             result.initial[name] = seen[ind.key()]
         tries = 0
@@ -147,11 +145,11 @@ def search(evaluate, layers: list[int], n_experts: int, n_keep: int,
             tries += 1
             merge = [np.eye(n_experts)[np.sort(rng.choice(n_experts, n_keep, replace=False))]
                      for _ in groups]
-            add(Individual(merge, [m.copy() for m in merge], origin="random"))
+            add(Individual(merge, [m.copy() for m in merge]))
         stale = 0
         while budget_left() and stale < 1000:
             phase1 = in_phase1()
-            child = _child(archive, rng, config, phase1, n_experts, len(groups))
+            child = _child(archive, rng, config, router_mode, phase1, n_experts, len(groups))
             before = len(archive)
             add(child)
             stale = 0 if len(archive) > before else stale + 1
@@ -198,7 +196,7 @@ def _touched(rng: np.random.Generator, n_groups: int, p: float) -> np.ndarray:
 
 
 def _child(archive: list[Individual], rng: np.random.Generator, config: EEPConfig,
-           phase1: bool, n_experts: int, n_groups: int) -> Individual:
+           router_mode: str, phase1: bool, n_experts: int, n_groups: int) -> Individual:
     flags = _touched(rng, n_groups, config.group_change_prob)
     if phase1:
         pool = _parents(archive, config.threshold_phase1, config.parents_rank)
@@ -214,27 +212,25 @@ def _child(archive: list[Individual], rng: np.random.Generator, config: EEPConfi
                         if free:
                             m[j] = np.eye(n_experts)[free[rng.integers(len(free))]]
             merge.append(m[np.argsort(m.argmax(axis=1))])  # canonical order: no duplicates
-        return Individual(merge, [m.copy() for m in merge], origin="mutation")
+        return Individual(merge, [m.copy() for m in merge])
 
     pool = _parents(archive, config.threshold_phase2, config.parents_rank)
     first = pool[rng.integers(len(pool))]
     if rng.random() < config.crossover_prob and len(pool) > 1:
         second = pool[rng.integers(len(pool))]
-        merge, router = _crossover(first, second, flags, rng, config)
-        origin = "crossover"
+        merge, router = _crossover(first, second, flags, rng, config, router_mode)
     else:
         merge, router = [m.copy() for m in first.merge], [r.copy() for r in first.router]
-        origin = "mutation"
     for g in range(n_groups):
         if not flags[g]:
             continue
         merge[g] = _perturb(merge[g], rng, config)
-        if config.router_mode != "onehot":
+        if router_mode != "onehot":
             router[g] = _perturb(router[g], rng, config)
     if rng.random() < config.norm_prob:
         merge = [m / np.where(np.abs(s := m.sum(axis=1, keepdims=True)) < 1e-8, 1.0, s)
                  for m in merge]
-    return Individual(merge, router, origin=origin)
+    return Individual(merge, router)
 
 
 def _perturb(m: np.ndarray, rng: np.random.Generator, config: EEPConfig) -> np.ndarray:
@@ -243,13 +239,13 @@ def _perturb(m: np.ndarray, rng: np.random.Generator, config: EEPConfig) -> np.n
 
 
 def _crossover(a: Individual, b: Individual, flags: np.ndarray, rng: np.random.Generator,
-               config: EEPConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+               config: EEPConfig, router_mode: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     merge, router = [], []
     for g in range(len(a.merge)):
         if flags[g]:
             rows = rng.random(a.merge[g].shape[0]) < config.front_prob
             m = np.where(rows[:, None], a.merge[g], b.merge[g])
-            if config.router_mode != "onehot":
+            if router_mode != "onehot":
                 rows_r = rng.random(a.router[g].shape[0]) < config.front_prob
                 r = np.where(rows_r[:, None], a.router[g], b.router[g])
             else:

@@ -1,6 +1,4 @@
-"""Memory sizes: parsing what users type, and what a llama.cpp process will hold for a model.
-
-    parse_size("24GB") -> 24_000_000_000;  parse_size("8GiB") -> 8 * 2**30
+"""What a llama.cpp process will hold for a model: the GGUF target's memory model.
 
 The prediction is the resident memory a process gains by loading the model with
 llama-cpp-python 0.3.36's defaults (CPU, flash attention off, F16 KV cache, n_batch = n_ubatch =
@@ -20,15 +18,11 @@ llama.cpp makes (docs/memory_model.md derives each and gives the measurements th
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
-from . import ir
-from .errors import UserError
+from moecompile import ir
+from moecompile.sizes import format_size
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 UBATCH = 512  # llama-cpp-python's n_batch and n_ubatch (capped at the context)
 KV_BYTES = 2  # F16 cache entries, llama.cpp's default
 KV_PAD = 256
@@ -52,26 +46,6 @@ UNICODE_FLAGS_BYTES = 0x110000 * 2  # unicode_cpt_flags_from_cpt's table: 2 byte
 # touched by a load and a decode, plus small heap and thread allocations).
 VOCAB_ENTRY_BYTES = 200
 RUNTIME_FIXED_BYTES = 3 * 2**20
-
-
-def parse_size(text: str, what: str = "--budget") -> int:
-    """'24GB', '8GiB', '512MB', '1.5G', or a plain number of bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise UserError(f"{what} '{text}': expected a size such as 24GB, 8GiB, 512MB or a number "
-                        "of bytes")
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise UserError(f"{what} '{text}': must be more than zero")
-    return int(value)
-
-
-def format_size(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass

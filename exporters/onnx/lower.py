@@ -16,15 +16,15 @@ MoE layers have two lowerings (`moe=`):
   fused op cannot compute exactly (a router map; experts of mixed precision) keeps the portable
   lowering, and the result says which layers did.
 
-Weights are float32, or blocked int4/int8 (exporters/onnx_quant.py) per IR tensor — per expert
-where the portable lowering holds the experts — as `DequantizeLinear → MatMul`. Past
+Weights are float32, or blocked int4/int8 (quant.py) per IR tensor as `Model.types` says — per
+expert where the portable lowering holds the experts — as `DequantizeLinear → MatMul`. Past
 `external_at` bytes every weight goes to one `<name>.data` file beside the model.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,8 @@ from moecompile import ir
 from moecompile.errors import UserError
 from moecompile.runtime.executor import rope_tables
 
-from . import onnx_quant as oq
-from .onnx_graph import Graph
+from . import quant as oq
+from .graph import Graph
 
 EXTERNAL_AT = 1_800_000_000  # bytes of weights beyond which they go to external data (2 GB cap)
 MOE_LOWERINGS = ("portable", "ort")
@@ -53,7 +53,6 @@ class OnnxExport:
     quant: dict[str, str]  # IR tensor path -> "int4" | "int8"
     weight_bytes: int
     tensors: list[dict]  # every weight initializer: name, type, shape, bytes
-    numerics: "OnnxNumerics" = field(repr=False, default=None)
 
 
 def check_exportable(model: ir.Model) -> None:
@@ -65,13 +64,19 @@ def check_exportable(model: ir.Model) -> None:
                             "dimensions has no ONNX lowering yet")
 
 
-def weight_bytes(model: ir.Model, quant: dict[int, str]) -> int:
-    """Bytes of the weight initializers `export` writes for these types: every IR tensor (a
-    head tied to the embedding twice: gathered rows and the transposed head), the RoPE tables
-    and EEP router maps."""
+def quantized(model: ir.Model) -> dict[str, str]:
+    """IR path -> "int8"/"int4" for the weights `Model.types` stores as blocked integers."""
+    return {p: kind for p, kind in model.types.items() if kind in oq.TYPES}
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the weight initializers `export` writes for the model's types: every IR tensor
+    (a head tied to the embedding twice: gathered rows and the transposed head), the RoPE
+    tables and EEP router maps."""
+    quant = quantized(model)
     total = 2 * 4 * model.context_length * model.rope.dim
-    for _, t in model.tensors():
-        total += oq.stored_bytes(t.numel, quant.get(id(t)))
+    for path, t in model.tensors():
+        total += oq.stored_bytes(t.numel, quant.get(path))
     for b in model.blocks:
         if isinstance(b.ffn, ir.MoE) and b.ffn.router_map is not None:
             total += 4 * len(b.ffn.router_map) * len(b.ffn.router_map[0])
@@ -83,24 +88,23 @@ def kv_cache_bytes(model: ir.Model, context: int) -> int:
     return sum(4 * 2 * context * b.attn.n_kv_heads * b.attn.head_dim for b in model.blocks)
 
 
-def export(model: ir.Model, path: Path, moe: str = "portable", quant: dict[int, str] | None = None,
-           progress: bool = True, external_at: int = EXTERNAL_AT) -> OnnxExport:
-    """Write `path` (and `path`.data past `external_at` bytes). `quant` maps IR tensors (by id)
-    to "int4"/"int8"; tensors whose input width does not fill 32-wide blocks stay float32."""
+def export(model: ir.Model, path: Path, moe: str = "portable", progress: bool = True,
+           external_at: int = EXTERNAL_AT) -> OnnxExport:
+    """Write `path` (and `path`.data past `external_at` bytes), each linear weight in its IR
+    type ("int8"/"int4" blocks, float32 otherwise)."""
     assert moe in MOE_LOWERINGS, moe
     check_exportable(model)
-    names = {id(t): name for name, t in model.tensors()}
-    shapes = {id(t): t.shape for _, t in model.tensors()}
-    quant = {k: v for k, v in (quant or {}).items() if k in names and oq.quantizable(shapes[k])}
+    quant = quantized(model)
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
-    external = weight_bytes(model, quant) > external_at
+    external = weight_bytes(model) > external_at
     data_path.unlink(missing_ok=True)
-    bar = tqdm(total=len(names), desc="onnx export", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(model.tensors()), desc="onnx export", unit="tensor",
+               disable=not progress)
     try:
         with (open(data_path, "wb") if external else nullcontext()) as data:
             lower = _Lowering(model, Graph(data if external else None, data_path.name), quant,
-                              names, bar)
+                              bar)
             proto = lower.build(moe)
             onnx.save_model(proto, str(path))
     except BaseException:
@@ -109,37 +113,36 @@ def export(model: ir.Model, path: Path, moe: str = "portable", quant: dict[int, 
         raise
     finally:
         bar.close()
-    return OnnxExport(path, data_path if external else None, lower.lowering,
-                      {names[k]: v for k, v in quant.items()}, lower.g.weight_bytes,
-                      lower.g.written,
-                      OnnxNumerics(quant))
+    return OnnxExport(path, data_path if external else None, lower.lowering, quant,
+                      lower.g.weight_bytes, lower.g.written)
 
 
 class _Lowering:
-    def __init__(self, model: ir.Model, g: Graph, quant: dict[int, str], names: dict[int, str], bar):
-        self.m, self.g, self.quant, self.names, self.bar = model, g, quant, names, bar
+    def __init__(self, model: ir.Model, g: Graph, quant: dict[str, str], bar):
+        self.m, self.g, self.quant, self.bar = model, g, quant, bar
+        self.tensors = model.tensor_map()
         self.lowering: dict[int, str] = {}
-        self.written: set[int] = set()
+        self.written: set[str] = set()
 
     # ---------------------------------------------------------------- weights
-    def _value(self, t: ir.Tensor) -> np.ndarray:
-        return t.value().to(torch.float32).numpy()
+    def _value(self, path: str) -> np.ndarray:
+        return self.tensors[path].value().to(torch.float32).numpy()
 
-    def _done(self, t: ir.Tensor) -> None:
-        if id(t) not in self.written:
-            self.written.add(id(t))
+    def _done(self, path: str) -> None:
+        if path not in self.written:
+            self.written.add(path)
             self.bar.update(1)
 
-    def tensor(self, t: ir.Tensor, hint: str | None = None) -> str:
+    def tensor(self, path: str) -> str:
         """A float32 initializer as stored (norms, biases, routers, the embedding)."""
-        self._done(t)
-        return self.g.weight(hint or self.names[id(t)], self._value(t))
+        self._done(path)
+        return self.g.weight(path, self._value(path))
 
-    def linear(self, x: str, t: ir.Tensor, bias: ir.Tensor | None = None) -> str:
+    def linear(self, x: str, path: str, bias: str | None = None) -> str:
         """x @ W^T (+ b): W^T float32, or blocked int8/int4 through DequantizeLinear."""
-        name = self.names[id(t)]
-        w = self._value(t)
-        kind = self.quant.get(id(t))
+        name = path
+        w = self._value(path)
+        kind = self.quant.get(path)
         if kind is None:
             y = self.g.op("MatMul", x, self.g.weight(name, np.ascontiguousarray(w.T)),
                           name=name)
@@ -156,7 +159,7 @@ class _Lowering:
             wt = self.g.op("DequantizeLinear", codes, scales, name=name + ".dq", axis=0,
                            block_size=oq.BLOCK)
             y = self.g.op("MatMul", x, wt, name=name)
-        self._done(t)
+        self._done(path)
         if bias is not None:
             y = self.g.op("Add", y, self.tensor(bias), name=name + ".bias")
         return y
@@ -177,34 +180,33 @@ class _Lowering:
                     f"past_key_values.{i}.{which}", F32, ["batch_size", kv[0], "past_sequence_length", kv[1]]))
                 outputs.append(helper.make_tensor_value_info(
                     f"present.{i}.{which}", F32, ["batch_size", kv[0], "total_sequence_length", kv[1]]))
-        h = g.op("Gather", self.tensor(m.embed, "embed"), "input_ids", name="embed")
+        h = g.op("Gather", self.tensor("embed"), "input_ids", name="embed")
         mask = self.attention_mask()
         cos, sin = self.rope(m)
         for i, block in enumerate(m.blocks):
-            x = self.rms_norm(h, block.attn_norm, f"blocks.{i}.attn_norm")
+            x = self.rms_norm(h, f"blocks.{i}.attn_norm")
             h = g.op("Add", h, self.attention(i, block.attn, x, mask, cos, sin), name=f"blocks.{i}.attn_residual")
             if block.ffn is None:
                 continue
-            x = self.rms_norm(h, block.ffn_norm, f"blocks.{i}.ffn_norm")
+            x = self.rms_norm(h, f"blocks.{i}.ffn_norm")
             if isinstance(block.ffn, ir.MoE):
                 y = self.moe(i, block.ffn, x, moe)
             else:
-                y = self.mlp(x, block.ffn.mlp)
+                y = self.mlp(x, f"blocks.{i}.ffn.mlp")
             h = g.op("Add", h, y, name=f"blocks.{i}.ffn_residual")
-        h = self.rms_norm(h, m.final_norm, "final_norm")
-        logits = self.linear(h, m.lm_head)
+        h = self.rms_norm(h, "final_norm")
+        logits = self.linear(h, "lm_head")
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits/op"))
         return g.model(inputs, outputs, doc=f"moecompile export of {m.source}")
 
-    def rms_norm(self, x: str, weight: ir.Tensor, name: str) -> str:
+    def rms_norm(self, x: str, name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w — the pattern ORT fuses into SimplifiedLayerNorm."""
         g = self.g
         ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32), name=name + ".sq"),
                   g.const([-1]), keepdims=1, name=name + ".ms")
         rms = g.op("Sqrt", g.op("Add", ms, g.const(self.m.norm_eps, np.float32), name=name + ".eps"),
                    name=name + ".rms")
-        return g.op("Mul", g.op("Div", x, rms, name=name + ".div"), self.tensor(weight, name),
-                    name=name)
+        return g.op("Mul", g.op("Div", x, rms, name=name + ".div"), self.tensor(name), name=name)
 
     def attention_mask(self) -> str:
         """[batch, 1, 1, seq, total] bool: key j visible to query i (at past + i) when j <= past + i
@@ -242,20 +244,21 @@ class _Lowering:
 
     def attention(self, i: int, a: ir.Attention, x: str, mask: str, cos: str, sin: str) -> str:
         g, p = self.g, f"blocks.{i}.attn"
-        q = self.linear(x, a.q, a.q_bias)
-        k = self.linear(x, a.k, a.k_bias)
-        v = self.linear(x, a.v, a.v_bias)
+        bias = lambda which: f"{p}.{which}_bias" if getattr(a, f"{which}_bias") is not None else None
+        q = self.linear(x, p + ".q", bias("q"))
+        k = self.linear(x, p + ".k", bias("k"))
+        v = self.linear(x, p + ".v", bias("v"))
         if a.qk_norm == "full":
-            q = self.rms_norm(q, a.q_norm, p + ".q_norm")
-            k = self.rms_norm(k, a.k_norm, p + ".k_norm")
+            q = self.rms_norm(q, p + ".q_norm")
+            k = self.rms_norm(k, p + ".k_norm")
         if a.clip_qkv is not None:
             lo, hi = g.const(-a.clip_qkv, np.float32), g.const(a.clip_qkv, np.float32)
             q, k, v = (g.op("Clip", z, lo, hi, name=f"{p}.clip") for z in (q, k, v))
         heads = lambda z, n, what: g.op("Reshape", z, g.const([0, 0, n, a.head_dim]), name=f"{p}.{what}.heads")
         q, k, v = heads(q, a.n_heads, "q"), heads(k, a.n_kv_heads, "k"), heads(v, a.n_kv_heads, "v")
         if a.qk_norm == "head":
-            q = self.rms_norm(q, a.q_norm, p + ".q_norm")
-            k = self.rms_norm(k, a.k_norm, p + ".k_norm")
+            q = self.rms_norm(q, p + ".q_norm")
+            k = self.rms_norm(k, p + ".k_norm")
         bhsd = lambda z, what: g.op("Transpose", z, perm=[0, 2, 1, 3], name=f"{p}.{what}.bhsd")
         q = self._rotate(bhsd(q, "q"), cos, sin, a.head_dim, p + ".q")
         k = self._rotate(bhsd(k, "k"), cos, sin, a.head_dim, p + ".k")
@@ -276,38 +279,39 @@ class _Lowering:
         out = g.op("Reshape", out, g.const([0, a.n_heads, -1, a.head_dim]), name=p + ".heads")
         out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3], name=p + ".bshd"),
                    g.const([0, 0, a.n_heads * a.head_dim]), name=p + ".merge")
-        return self.linear(out, a.o)
+        return self.linear(out, p + ".o")
 
     # ---------------------------------------------------------------- feed-forward
-    def mlp(self, x: str, mlp: ir.Expert) -> str:
+    def mlp(self, x: str, prefix: str) -> str:
         g = self.g
-        gate = self.linear(x, mlp.gate)
-        act = g.op("Mul", gate, g.op("Sigmoid", gate), name=self.names[id(mlp.gate)] + ".silu")
-        return self.linear(g.op("Mul", act, self.linear(x, mlp.up)), mlp.down)
+        gate = self.linear(x, prefix + ".gate")
+        act = g.op("Mul", gate, g.op("Sigmoid", gate), name=prefix + ".gate.silu")
+        return self.linear(g.op("Mul", act, self.linear(x, prefix + ".up")), prefix + ".down")
 
     def moe(self, i: int, moe: ir.MoE, x: str, lowering: str) -> str:
         g, p = self.g, f"blocks.{i}.ffn"
         x2 = g.op("Reshape", x, g.const([-1, self.m.hidden]), name=p + ".tokens")
-        logits = g.op("MatMul", x2, self.g.weight(p + ".router",
-                                                   np.ascontiguousarray(self._value(moe.router.weight).T)),
-                      name=p + ".router")
-        self._done(moe.router.weight)
-        why = self._fused_refusal(moe) if lowering == "ort" else "portable requested"
+        logits = g.op("MatMul", x2, self.g.weight(p + ".router", np.ascontiguousarray(
+            self._value(p + ".router.weight").T)), name=p + ".router")
+        self._done(p + ".router.weight")
+        why = self._fused_refusal(p, moe) if lowering == "ort" else "portable requested"
         if why is None:
             y, self.lowering[i] = self.fused_moe(p, moe, x2, logits), "ort"
         else:
             y, self.lowering[i] = self.portable_moe(p, moe, x2, logits), "portable"
         if moe.shared is not None:
-            s = self.mlp(x2, moe.shared.mlp)
+            s = self.mlp(x2, p + ".shared.mlp")
             if moe.shared.gate is not None:
-                s = g.op("Mul", s, g.op("Sigmoid", self.linear(x2, moe.shared.gate)), name=p + ".shared.gated")
+                s = g.op("Mul", s, g.op("Sigmoid", self.linear(x2, p + ".shared.gate")),
+                         name=p + ".shared.gated")
             y = g.op("Add", y, s, name=p + ".shared.add")
         return g.op("Reshape", y, g.op("Shape", x), name=p + ".out")
 
-    def _fused_refusal(self, moe: ir.MoE) -> str | None:
+    def _fused_refusal(self, p: str, moe: ir.MoE) -> str | None:
         if moe.router_map is not None:
             return "router map"
-        kinds = {self.quant.get(id(getattr(e, w))) for e in moe.experts for w in ("gate", "up", "down")}
+        kinds = {self.quant.get(f"{p}.experts.{e}.{w}") for e in range(moe.n_experts)
+                 for w in ("gate", "up", "down")}
         if len(kinds) > 1:
             return "mixed expert precision"
         return None
@@ -326,13 +330,13 @@ class _Lowering:
         out = g.op("ConstantOfShape", g.op("Shape", x2), value=helper.make_tensor("zero", F32, [1], [0.0]),
                    name=p + ".zeros")
         zero = g.const(0.0, np.float32)
-        for e, expert in enumerate(moe.experts):
+        for e in range(moe.n_experts):
             q = f"{p}.experts.{e}"
             hit = g.op("Equal", idx, g.const(e), name=q + ".hit")
             w_e = g.op("ReduceSum", g.op("Where", hit, weights, zero), g.const([1]), keepdims=0, name=q + ".w")
             routed = g.op("ReduceMax", g.op("Cast", hit, to=F32), g.const([1]), keepdims=0, name=q + ".any")
             tokens = g.op("Reshape", g.op("NonZero", routed), g.const([-1]), name=q + ".tokens")
-            y = self.mlp(g.op("Gather", x2, tokens, axis=0, name=q + ".x"), expert)
+            y = self.mlp(g.op("Gather", x2, tokens, axis=0, name=q + ".x"), q)
             y = g.op("Mul", y, g.op("Unsqueeze", g.op("Gather", w_e, tokens, axis=0), g.const([1])),
                      name=q + ".weighted")
             out = g.op("ScatterND", out, g.op("Unsqueeze", tokens, g.const([1])), y, reduction="add",
@@ -342,16 +346,17 @@ class _Lowering:
     def fused_moe(self, p: str, moe: ir.MoE, x2: str, logits: str) -> str:
         """ORT's MoE/QMoE: router logits in, softmax + top-k (+ renormalisation) inside."""
         g = self.g
-        gate = np.stack([self._value(e.gate) for e in moe.experts])  # (E, I, H)
-        up = np.stack([self._value(e.up) for e in moe.experts])
-        down = np.stack([self._value(e.down) for e in moe.experts])  # (E, H, I)
+        experts = [f"{p}.experts.{e}" for e in range(moe.n_experts)]
+        gate = np.stack([self._value(e + ".gate") for e in experts])  # (E, I, H)
+        up = np.stack([self._value(e + ".up") for e in experts])
+        down = np.stack([self._value(e + ".down") for e in experts])  # (E, H, I)
         fc1 = np.stack([gate, up], axis=2).reshape(len(moe.experts), -1, gate.shape[-1])
         attrs = dict(k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
                      activation_beta=0.0, normalize_routing_weights=int(moe.norm_topk))
-        kind = self.quant.get(id(moe.experts[0].gate))
-        for e in moe.experts:
+        kind = self.quant.get(experts[0] + ".gate")
+        for e in experts:
             for w in ("gate", "up", "down"):
-                self._done(getattr(e, w))
+                self._done(f"{e}.{w}")
         if kind is None:
             return g.op("MoE", x2, logits, g.weight(p + ".fc1", fc1), "",
                         g.weight(p + ".fc2", down), domain="com.microsoft", name=p + ".moe",
@@ -376,22 +381,3 @@ class _Lowering:
                       g.const([moe.top_k]), axis=-1, outputs=2, name=p + ".topk")
         mass = g.op("ReduceSum", top, g.const([-1]), keepdims=1, name=p + ".topk_mass")
         return g.op("Mul", y, mass, name=p + ".unnormalised")
-
-
-class OnnxNumerics:
-    """What ONNX Runtime computes with for an export: quantized weights as their blocks
-    dequantize (recomputed on demand: quantizing a row is deterministic and independent of
-    its neighbours, so QMoE's stacked, interleaved experts hold the same values), and their
-    matmul inputs rounded to int8 blocks (accuracy level 4)."""
-
-    def __init__(self, quant: dict[int, str]):
-        self.quant = quant
-        self.exact = not quant
-
-    def weight(self, t: ir.Tensor) -> torch.Tensor:
-        value = t.value().to(torch.float32)
-        kind = self.quant.get(id(t))
-        return value if kind is None else torch.from_numpy(oq.roundtrip(value.numpy(), kind))
-
-    def input(self, weight: ir.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return oq.round_activations(x) if id(weight) in self.quant else x

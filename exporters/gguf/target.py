@@ -1,0 +1,328 @@
+"""The GGUF target: llama.cpp's types, memory, file, numerics and launch line.
+
+Weight types: the unit of choice is a GGUF tensor (llama.cpp stores a layer's experts as one
+stacked tensor, so per-expert precision is not possible here); `--quant auto` groups them
+further (a layer's attention, each stacked expert projection, a shared expert, the embedding,
+the output head). `--dtype` types are written by moecompile's own writer; `--quant`,
+`--quant-map` and `--quant auto` go through llama.cpp's quantizer (quantizer.py), with an
+importance matrix from `--calib` when given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from moecompile import ir
+from moecompile.analysis import allocate, imatrix, sensitivity
+from moecompile.errors import UserError
+from moecompile.runtime.llama_worker import run_llama_cpp
+from moecompile.sizes import format_size, parse_size
+from moecompile.verify import compare_with_reference, fixed_tokens, N_TOKENS
+
+from ..quant_map import match_rules, read_rules
+from ..target import (BudgetUnreachable, Committed, Target, TypePlan, TypeRequest, failed_name,
+                      resolve_ctx, temp_path, types_entry)
+from . import arch as gguf_arch
+from . import imatrix_dat, memory, offload, writer
+from .numerics import FileNumerics, StoredNumerics
+from .quantizer import quantize_file, read_tensors
+from .types import DTYPES, ggml, keeps_f32, parse_type, stored_type, tensor_bytes
+
+log = logging.getLogger("moecompile")
+
+CANDIDATES = ("q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")  # --quant auto's
+
+
+def group_of(name: str) -> str:
+    """The unit --quant auto chooses a type for: a layer's attention, each stacked expert
+    tensor, a layer's shared expert, the embedding, the output head."""
+    m = re.match(r"blk\.(\d+)\.(\w+?)\.weight$", name)
+    if not m:
+        return name.removesuffix(".weight")
+    layer, kind = m.groups()
+    if kind.startswith("attn_"):
+        return f"blk.{layer}.attn"
+    if kind.endswith("_shexp"):
+        return f"blk.{layer}.shexp"
+    return f"blk.{layer}.{kind}"
+
+
+class GGUFTarget(Target):
+    name = "gguf"
+    suffix = ".gguf"
+    holds_router_map = False  # llama.cpp's MoE graphs route with a plain linear router
+
+    # ------------------------------------------------------------------ refusals
+    def configure(self, options) -> None:
+        """Refuse flags llama.cpp cannot honour before any model is read."""
+        if options.onnx_moe != "auto":
+            raise UserError("--onnx-moe applies to --target onnx")
+        if options.drop_moe_layers:
+            raise UserError("--drop-moe-layers: llama.cpp's MoE graphs have no form for a block "
+                            "without an FFN, so GGUF cannot hold the result; use --drop-blocks, "
+                            "or a target that can express it (ONNX)")
+        if options.quant not in (None, "auto"):
+            parse_type(options.quant)
+
+    def check(self, model: ir.Model) -> str:
+        """llama.cpp's arch for the model, or UserError saying why it cannot be exact."""
+        return gguf_arch.check_exportable(model)
+
+    # ------------------------------------------------------------------ types
+    def planned(self, model: ir.Model) -> list[writer.PlannedTensor]:
+        """Every GGUF tensor with the IR paths it holds (F32 as a placeholder type)."""
+        return writer.plan(model, self.check(model), f32=True)
+
+    def quantizable(self, model: ir.Model) -> list[writer.PlannedTensor]:
+        return [t for t in self.planned(model) if not keeps_f32(t.name, t.shape)]
+
+    def groups(self, model: ir.Model) -> dict[str, list[writer.PlannedTensor]]:
+        out: dict[str, list[writer.PlannedTensor]] = {}
+        for t in self.quantizable(model):
+            out.setdefault(group_of(t.name), []).append(t)
+        return out
+
+    @staticmethod
+    def group_bytes(group: list[writer.PlannedTensor], type_name: str) -> int:
+        return sum(tensor_bytes(stored_type(t.name, t.shape, type_name), t.shape) for t in group)
+
+    def typed(self, model: ir.Model, by_tensor: dict[str, str]) -> ir.Model:
+        """The model with each IR path typed as its GGUF tensor (`by_tensor`: GGUF name ->
+        asked type; unnamed tensors F32), llama.cpp's fallback applied."""
+        types = {}
+        for t in self.planned(model):
+            kind = stored_type(t.name, t.shape, by_tensor.get(t.name, "f32"))
+            types.update((p, kind) for p in t.paths)
+        return model.with_types(types)
+
+    def weight_bytes(self, model: ir.Model) -> int:
+        """Tensor data bytes of the GGUF written for the model's types."""
+        return sum(t.nbytes for t in writer.plan(model, self.check(model)))
+
+    def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+        self.check(model)
+        n_ctx = resolve_ctx(model, request.ctx)
+        report: dict = {"ctx": n_ctx}
+        lines: list[str] = []
+        importance = None
+        if request.quant == "auto":
+            if request.budget is None or not ctx.has_calibration:
+                raise UserError("--quant auto needs --budget SIZE and --calib (the data its "
+                                "sensitivity is measured on)")
+            by_tensor, importance, report["quant"], line = self._auto(model, request, n_ctx,
+                                                                      ctx)
+            lines.append(line)
+        elif request.quant_map:
+            rules = read_rules(request.quant_map, parse_type)
+            names = [t.name for t in self.quantizable(model)]
+            by_tensor = match_rules(request.quant_map, rules, names)
+        elif request.quant:
+            kind = parse_type(request.quant)
+            by_tensor = {t.name: kind for t in self.quantizable(model)}
+        else:
+            by_tensor = None
+        if by_tensor is None:
+            dtype = request.dtype if request.dtype != "auto" else lossless_dtype(model)
+            if dtype not in DTYPES:
+                raise UserError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+            typed = self.typed(model, {t.name: dtype for t in self.planned(model)})
+            label, quantizer, method = dtype, False, "dtype"
+        else:
+            typed = self.typed(model, by_tensor)
+            quantizer = True
+            method = "auto" if request.quant == "auto" else "map" if request.quant_map else "uniform"
+            label = request.quant if method == "uniform" else "mixed"
+        weights = self.weight_bytes(typed)
+        mem = memory.memory(typed, weights, n_ctx)
+        report["memory"] = mem.to_dict()
+        if request.budget is not None:
+            report["budget_bytes"] = request.budget
+            if mem.total_bytes > request.budget:
+                raise UserError(f"--budget {request.budget_text}: this configuration needs "
+                                f"{format_size(mem.total_bytes)} ({mem.describe(n_ctx)}); try "
+                                "--quant auto")
+        if quantizer and importance is None and ctx.has_calibration:
+            importance = self._importance(model, ctx)
+        typed = typed.with_history(types_entry(self.name, method, label, typed))
+        return TypePlan(typed, label, weights, report, lines,
+                        {"quantizer": quantizer, "importance": importance})
+
+    def _importance(self, model: ir.Model, ctx) -> tuple[dict, int]:
+        """The importance matrix by GGUF tensor and the calibration sequences it came from."""
+        calib = ctx.calibration(model, "the importance matrix")
+        quantizable = self.quantizable(model)
+        paths = {p for t in quantizable for p in t.paths}
+        found = imatrix.collect(model, calib, paths, ctx.device)
+        return imatrix_dat.by_tensor(quantizable, found), found.sequences
+
+    def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):
+        """--quant auto: measured sensitivity, then the lowest predicted loss that fits."""
+        fixed = memory.context_bytes(model, n_ctx)
+        calib = ctx.calibration(model, "--quant auto")
+        importance = self._importance(model, ctx)
+        sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
+                                ctx.progress)
+        groups = self.groups(model)
+        unquantized = sum(t.nbytes for t in self.planned(model) if keeps_f32(t.name, t.shape))
+        try:
+            group_types, total, predicted = allocate.choose(
+                sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
+                request.budget - fixed)
+        except allocate.BudgetError as exc:
+            experts = self._experts_that_fit(model, groups, sens, unquantized,
+                                             request.budget - fixed)
+            hint = ("; even one expert per layer would not fit" if experts is None else
+                    f"; pruning to --experts {experts} would fit (or add --allow-prune)")
+            raise BudgetUnreachable(
+                f"--budget {request.budget_text} is below the smallest reachable size "
+                f"{format_size(exc.smallest_weights + fixed)} (weights at the smallest types "
+                f"{format_size(exc.smallest_weights)} + KV cache, buffers and runtime for --ctx "
+                f"{n_ctx} {format_size(fixed)}){hint}", experts) from None
+        by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
+        line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
+                f"predicted KL {predicted:.4f}")
+        quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
+                 "groups": group_types, "sensitivity": sens}
+        return by_tensor, importance, quant, line
+
+    def sensitivity(self, model: ir.Model, calib, importance, device: str,
+                    workdir: Path | None, progress: bool) -> dict[str, dict[str, float]]:
+        """KL(original || model with only this group at this type), mean over calibration
+        tokens. Each candidate type is applied by llama.cpp's quantizer to the whole model
+        once and read back dequantized; then one group at a time takes those weights."""
+        groups = self.groups(model)
+        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        planned = self.planned(model)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            source = Path(tmp) / "f32.gguf"
+            writer.export(model, source, self.check(model), "f32", f32=True, progress=False)
+
+            @contextmanager
+            def rounded(name: str):
+                target = Path(tmp) / f"{name}.gguf"
+                quantize_file(source, target, {t.name: ggml(stored_type(t.name, t.shape, name))
+                                               for ts in groups.values() for t in ts},
+                              importance)
+                numerics = FileNumerics(target, planned)
+                target.unlink()
+                yield lambda path, tensor: (torch.from_numpy(numerics.values[path])
+                                            if path in numerics.values else None)
+
+            return sensitivity.measure(model, calib, units, list(CANDIDATES), rounded, device,
+                                       progress)
+
+    def _experts_that_fit(self, model, groups, sens, unquantized: int,
+                          weight_budget: int) -> int | None:
+        """The most experts per layer with which the smallest types fit (expert tensors shrink
+        in proportion; everything else stays)."""
+        smallest = {g: min(self.group_bytes(ts, n) for n in sens[g]) for g, ts in groups.items()}
+        experts = sum(v for g, v in smallest.items() if g.endswith("_exps"))
+        rest = sum(v for g, v in smallest.items() if not g.endswith("_exps")) + unquantized
+        n_experts = max(b.ffn.n_experts for b in model.blocks if hasattr(b.ffn, "n_experts"))
+        fits = int((weight_budget - rest) / (experts / n_experts)) if experts else 0
+        return min(fits, n_experts - 1) if fits >= 1 else None
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
+               progress: bool = True) -> Committed:
+        """Export under a temporary name (an F32 file first when llama.cpp's quantizer makes
+        the types), verify, rename to OUT or OUT.FAILED.gguf; the importance matrix goes beside
+        it as OUT.imatrix.dat. Any error or Ctrl-C removes what was written."""
+        model = plan.model
+        arch = self.check(model)
+        quantizer = plan.details.get("quantizer", False)
+        importance = plan.details.get("importance")
+        tmp = temp_path(out)
+        source = tmp.with_name(tmp.name + ".f32")
+        dat = out.with_suffix(".imatrix.dat")
+        dat_tmp = temp_path(dat)
+        planned = writer.plan(model, arch)
+        try:
+            try:
+                if quantizer:
+                    writer.export(model, source, arch, "f32", f32=True, progress=progress)
+                    log.info("quantizing with llama.cpp (%d tensors typed)", len(planned))
+                    quantize_file(source, tmp, {t.name: t.qtype for t in planned
+                                                if not keeps_f32(t.name, t.shape)},
+                                  importance[0] if importance else None)
+                    source.unlink()
+                else:
+                    writer.export(model, tmp, arch, plan.label, progress=progress)
+                if importance:
+                    imatrix_dat.write_dat(dat_tmp, *importance)
+            except OSError as exc:
+                raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
+            # what the file holds: llama.cpp's quantizer chose the final types, our writer its own
+            written = (read_tensors(tmp) if quantizer else
+                       [(t.name, t.shape, t.qtype, t.nbytes) for t in planned])
+            verification = None
+            if verify:
+                log.info("verifying %s in llama.cpp against the reference executor", out.name)
+                numerics = FileNumerics(tmp, planned) if quantizer else StoredNumerics(model)
+                ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
+                got = run_llama_cpp(tmp, ids)
+                verification = compare_with_reference("llama.cpp", got, model, ids, numerics,
+                                                      device)
+            final = out if verification is None or verification.passed else failed_name(out)
+            files = [final]
+            if importance:
+                os.replace(dat_tmp, dat)
+                files.append(dat)
+            os.replace(tmp, final)
+        finally:
+            for leftover in (tmp, source, dat_tmp):
+                leftover.unlink(missing_ok=True)
+        fields = {
+            "arch": arch,
+            "dtype": "mixed" if quantizer else plan.label,
+            "output": str(final),
+            "passes": list(model.history),
+            "tensor_bytes": sum(b for *_, b in written),
+            "file_bytes": final.stat().st_size,
+            "tensors": [{"name": name, "type": qtype.name, "shape": list(shape), "bytes": nbytes}
+                        for name, shape, qtype, nbytes in written],
+        }
+        if importance:
+            fields["imatrix_file"] = str(dat)
+        return Committed(final, files, fields, verification)
+
+    def committed_lines(self, committed: Committed, plan: TypePlan) -> list[str]:
+        importance = plan.details.get("importance")
+        if not importance:
+            return []
+        return [f"importance matrix from {importance[1]} calibration sequences: "
+                f"{committed.report['imatrix_file']}"]
+
+    # ------------------------------------------------------------------ running it
+    def launch_plan(self, plan: TypePlan, file_name: str, options) -> tuple[list[str], dict]:
+        """--gpu-mem: the placement plan for the file as a llama-server command line (the
+        planned tensor bytes are the file's, exactly)."""
+        if not options.gpu_mem:
+            return [], {}
+        tensors = [(t.name, t.nbytes) for t in writer.plan(plan.model, self.check(plan.model))]
+        ram = parse_size(options.ram, "--ram") if options.ram else 1 << 62
+        p = offload.plan(plan.model, tensors, file_name, plan.report["ctx"],
+                         parse_size(options.gpu_mem, "--gpu-mem"), ram)
+        lines = [f"offload plan: GPU {format_size(p.gpu_bytes)} ({len(p.gpu)} tensors + KV "
+                 f"cache + compute), RAM {format_size(p.ram_bytes)} ({len(p.cpu)} tensors + "
+                 "host buffers)",
+                 f"  {p.command}",
+                 f"  llama-cpp-python: Llama(model_path=..., n_gpu_layers="
+                 f"{p.python_args['n_gpu_layers']}, n_ctx={p.python_args['n_ctx']}): "
+                 f"{p.python_note}"]
+        return lines, {"offload": p.to_dict()}
+
+
+def lossless_dtype(model: ir.Model) -> str:
+    """bf16 for a bf16 checkpoint (lossless), f16 otherwise — as llama.cpp's converter does."""
+    return ("bf16" if model.blocks[0].ffn_norm.dtype == "bf16" or model.embed.dtype == "bf16"
+            else "f16")
+
+

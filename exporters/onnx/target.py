@@ -1,0 +1,273 @@
+"""The ONNX target: ONNX Runtime's types, memory, files, numerics and verification.
+
+Weight types here are per IR tensor, so a layer's experts may differ in precision (the portable
+MoE lowering holds them one by one; llama.cpp can only type a whole stacked layer tensor):
+`--quant int8|int4` quantizes every linear weight; `--quant-map FILE.json` takes
+{"IR tensor-path regex": "int4" | "int8" | "f32"} (paths as the report names them, e.g.
+`blocks\\.0\\.ffn\\.experts\\.3\\.`), first match wins; `--quant auto --budget SIZE --calib
+DATA` chooses per expert by measured sensitivity. The memory here is weights + the float32 KV
+cache for `--ctx` tokens: ONNX Runtime's activation arena is not modelled.
+
+`--onnx-moe auto` tries ONNX Runtime's fused MoE kernels first (the fastest form on ORT ≥ 1.32)
+and keeps them only when they verify; otherwise the portable per-expert form is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moecompile import ir
+from moecompile.analysis import allocate, sensitivity
+from moecompile.errors import UserError, VerificationError
+from moecompile.sizes import format_size
+from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
+
+from ..quant_map import match_rules, read_rules
+from ..target import (Committed, Target, TypePlan, TypeRequest, failed_name, resolve_ctx,
+                      temp_path, types_entry)
+from . import lower
+from . import quant as oq
+from . import package
+from .numerics import OnnxNumerics
+
+log = logging.getLogger("moecompile")
+
+TYPES = ("int8", "int4")
+CANDIDATES = ("f32", "int8", "int4")  # --quant auto's, per unit
+CACHED_STEPS = 4  # tokens re-run one at a time through the KV cache during verification
+
+
+def linear_weights(model: ir.Model) -> list[str]:
+    """IR paths of the tensors the ONNX graph multiplies as linear layers and can store as
+    blocks: attention, experts, shared experts, dense MLPs and the output head (also when tied:
+    the graph holds it apart from the gathered embedding). Routers, the shared-expert gate and
+    the embedding stay float32; a weight whose input width does not fill 32-wide blocks too."""
+    out = []
+    for name, t in model.tensors():
+        leaf = name.rsplit(".", 1)[-1]
+        if len(t.shape) != 2 or ".router." in name or name.endswith("shared.gate"):
+            continue
+        if leaf in ("q", "k", "v", "o", "gate", "up", "down", "lm_head") and oq.quantizable(t.shape):
+            out.append(name)
+    return out
+
+
+def unit_of(path: str) -> str:
+    """blocks.3.attn.q -> blocks.3.attn; blocks.3.ffn.experts.5.down -> blocks.3.ffn.experts.5."""
+    m = re.match(r"(blocks\.\d+\.(?:attn|ffn\.experts\.\d+|ffn\.shared|ffn))\.", path)
+    return m.group(1) if m else path
+
+
+def _parse_type(name: str) -> str:
+    if name not in (*TYPES, "f32"):
+        raise UserError(f"--quant-map: type {name!r}: --target onnx takes int8, int4 or f32")
+    return name
+
+
+def kv_cache_bytes(model: ir.Model, context: int) -> int:
+    """The float32 keys and values a generation loop holds for `context` tokens."""
+    return sum(4 * 2 * context * b.attn.n_kv_heads * b.attn.head_dim for b in model.blocks)
+
+
+class ONNXTarget(Target):
+    name = "onnx"
+    suffix = ".onnx"
+    holds_router_map = True  # the graph computes EEP's exact router mapping
+
+    def __init__(self, moe: str = "auto", external_at: int | None = None):
+        self.moe, self.external_at = moe, external_at  # MoE lowering; external data threshold
+
+    # ------------------------------------------------------------------ refusals
+    def configure(self, options) -> None:
+        """Refuse flags that plan for llama.cpp before any model is read; keep the MoE
+        lowering asked for."""
+        self.moe = options.onnx_moe
+        for flag, value in (("--gpu-mem", options.gpu_mem), ("--allow-prune", options.allow_prune)):
+            if value:
+                raise UserError(f"{flag} plans for llama.cpp; it does not apply to --target onnx")
+        if options.quant is not None and options.quant not in (*TYPES, "auto"):
+            raise UserError(f"--quant {options.quant}: --target onnx takes {', '.join(TYPES)} or "
+                            "auto (blocked weights for ONNX Runtime)")
+        if (options.quant == "auto") != bool(options.budget) or (options.quant == "auto"
+                                                                 and not options.calib):
+            raise UserError("--target onnx: --quant auto needs --budget SIZE and --calib (the "
+                            "data its sensitivity is measured on), and --budget needs --quant auto")
+        if options.dtype not in ("auto", "f32"):
+            raise UserError(f"--dtype {options.dtype}: --target onnx writes float32 weights (or "
+                            "int8/int4 with --quant)")
+
+    def check(self, model: ir.Model) -> None:
+        lower.check_exportable(model)
+
+    # ------------------------------------------------------------------ types
+    def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+        self.check(model)
+        weights = linear_weights(model)
+        report: dict = {}
+        lines: list[str] = []
+        if request.quant == "auto":
+            chosen, report, line = self._auto(model, request, weights, ctx)
+            lines.append(line)
+            method, label = "auto", "mixed"
+        elif request.quant:
+            chosen, method, label = {p: request.quant for p in weights}, "uniform", request.quant
+        elif request.quant_map:
+            path = Path(request.quant_map)
+            chosen = match_rules(path, read_rules(path, _parse_type), weights)
+            method, label = "map", "mixed"
+        else:
+            chosen, method, label = {}, "dtype", "f32"
+        types = {p: "f32" for p, _ in model.tensors()}
+        types.update(chosen)
+        typed = model.with_types(types)
+        typed = typed.with_history(types_entry(self.name, method, label, typed))
+        return TypePlan(typed, label, lower.weight_bytes(typed), report, lines)
+
+    def _auto(self, model: ir.Model, request: TypeRequest, weights: list[str], ctx):
+        n_ctx = resolve_ctx(model, request.ctx)
+        kv = kv_cache_bytes(model, n_ctx)
+        tensors = model.tensor_map()
+        units: dict[str, list[str]] = {}
+        for path in weights:
+            units.setdefault(unit_of(path), []).append(path)
+        calib = ctx.calibration(model, "--quant auto")
+
+        @contextmanager
+        def rounded(kind: str):
+            yield lambda path, tensor: torch.from_numpy(oq.roundtrip(tensor.value().float().numpy(),
+                                                                     kind))
+
+        measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
+                                       ctx.device, ctx.progress)
+        sens = {u: {"f32": 0.0, **measured[u]} for u in units}
+
+        def unit_bytes(unit: str, kind: str) -> int:
+            return sum(oq.stored_bytes(tensors[p].numel, None if kind == "f32" else kind)
+                       for p in units[unit])
+
+        fixed = lower.weight_bytes(model.with_types({})) - sum(unit_bytes(u, "f32") for u in units)
+        try:
+            unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
+                                                           request.budget - kv)
+        except allocate.BudgetError as exc:
+            raise UserError(f"--budget {request.budget_text} is below the smallest reachable "
+                            f"size {format_size(exc.smallest_weights + kv)} (int4 weights "
+                            f"{format_size(exc.smallest_weights)} + float32 KV cache for --ctx "
+                            f"{n_ctx} {format_size(kv)})") from None
+        chosen = {p: kind for u, kind in unit_types.items() if kind != "f32" for p in units[u]}
+        line = (f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
+                f"KL {predicted:.4f}")
+        report = {"quant": {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
+                            "units": unit_types, "sensitivity": sens},
+                  "memory": {"weights_bytes": total, "kv_cache_bytes": kv, "ctx": n_ctx,
+                             "total_bytes": total + kv, "budget_bytes": request.budget}}
+        return chosen, report, line
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
+               progress: bool = True) -> Committed:
+        """model.onnx (+ model.onnx.data) in a temporary folder → verify in ONNX Runtime → move
+        beside the output with genai_config.json and the tokenizer files. A failed verification
+        keeps the model as OUT.FAILED.onnx; an error or Ctrl-C removes the temporary folder."""
+        model = plan.model
+        tmp = temp_path(out)
+        tries = _lowerings(self.moe, verify)
+        kwargs = {} if self.external_at is None else {"external_at": self.external_at}
+        attempts: list[dict] = []
+        try:
+            tmp.mkdir()
+            for lowering in tries:
+                staged = tmp / out.name
+                try:
+                    result = lower.export(model, staged, moe=lowering, progress=progress,
+                                          **kwargs)
+                except OSError as exc:
+                    raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
+                verification = None
+                if verify:
+                    log.info("verifying %s in onnxruntime against the reference executor (%s "
+                             "MoE)", out.name, lowering)
+                    try:
+                        verification = self.verify(model, staged, device)
+                    except VerificationError as exc:
+                        if lowering == tries[-1]:
+                            raise
+                        attempts.append({"moe": lowering, "error": str(exc)})
+                        continue
+                    if not verification.passed and lowering != tries[-1]:
+                        attempts.append({"moe": lowering, "verification": verification.to_dict()})
+                        continue
+                break
+            final = out if verification is None or verification.passed else failed_name(out)
+            package.write_genai_config(model, tmp / "genai_config.json", final.name)
+            package.copy_tokenizer(model, tmp)
+            moved = package.move_into_place(tmp, staged, result.data_path, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fields = {
+            "arch": "onnx decoder, MoE " + "/".join(sorted(set(result.lowering.values()))),
+            "output": str(final),
+            "files": [str(p) for p in moved],
+            "passes": list(model.history),
+            "moe_lowering": {str(k): v for k, v in result.lowering.items()},
+            "rejected_lowerings": attempts,
+            "weights": result.quant and {"quantized": result.quant, "block_size": oq.BLOCK} or "f32",
+            "tensor_bytes": result.weight_bytes,
+            "tensors": result.tensors,
+            "file_bytes": sum(p.stat().st_size for p in moved if p.suffix in (".onnx", ".data")),
+        }
+        return Committed(final, moved, fields, verification)
+
+    def verify(self, model: ir.Model, onnx_path: Path, device: str | None = None):
+        """Run `onnx_path` in ONNX Runtime and compare with the reference on the file's
+        numerics. The last CACHED_STEPS tokens are also decoded one at a time through the KV
+        cache; their logits must match the full pass, so a broken cache fails too."""
+        from moecompile.runtime.onnx_runner import OnnxDecoder
+
+        ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
+        cut = len(ids) - CACHED_STEPS
+        try:  # an op this onnxruntime (or provider) lacks fails here: a reason, not a crash
+            decoder = OnnxDecoder(onnx_path, device)
+            full = np.asarray([ids], dtype=np.int64)
+            logits, cache = decoder.step(full, np.ones_like(full), decoder.empty_cache(1))
+            got = logits[0]
+            # keys and values at positions < cut depend on those tokens only: the prefix's cache
+            cache = {name: kv[:, :, :cut] for name, kv in cache.items()}
+            stepped = []
+            for t in range(cut, len(ids)):
+                logits, cache = decoder.step(np.asarray([[ids[t]]]),
+                                             np.ones((1, t + 1), np.int64), cache)
+                stepped.append(logits[0, -1])
+        except MemoryError:
+            raise
+        except Exception as exc:  # onnxruntime's own exception types differ by version
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VerificationError(f"onnxruntime could not run {onnx_path.name}: {first}") from None
+        scale = max(1.0, float(np.abs(got).max()))
+        cache_diff = float(np.abs(np.stack(stepped) - got[cut:]).max())
+        if cache_diff > 1e-3 * scale:
+            raise VerificationError(f"{onnx_path.name}: logits through the KV cache differ from "
+                                    f"the full pass by {cache_diff:.3g}")
+        provider = decoder.session.get_providers()[0].replace("ExecutionProvider", "")
+        return compare_with_reference(f"onnxruntime ({provider})", got, model, ids,
+                                      OnnxNumerics(model), device)
+
+
+def _lowerings(moe: str, verify: bool) -> list[str]:
+    """The forms to try in order. Unverified, auto takes the fused kernels only where they are
+    known to be right: ORT ≥ 1.24 (1.23's CPU QMoE gave wrong 4-bit results)."""
+    if moe != "auto":
+        return [moe]
+    if verify:
+        return ["ort", "portable"]
+    import onnxruntime
+
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
+    return ["ort"] if version >= (1, 24) else ["portable"]

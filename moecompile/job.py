@@ -1,0 +1,153 @@
+"""One compile job, in one straight line:
+
+    load → passes (in their documented order) → the target chooses weight types → the target
+    commits (export under a temporary name → verify → rename or .FAILED) → report
+
+The model is exported once; nothing re-plans what was planned. The calibration set is built
+once, on first use, and handed to every pass and measurement that needs it. This module is the
+only one that prints (`say`); everything else reports through return values, and logs only
+progress narrative.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, frontend, ir
+from .analysis.calibration import CalibSet, build_calib
+from .analysis.eep import EEPConfig
+from .exporters import target_for
+from .exporters.target import BudgetUnreachable, Committed, TypePlan, TypeRequest, write_json_atomic
+from .options import Options, output_file
+from .passes.base import Pass, PassContext, PassManager
+from .passes.drop import DropBlocks, DropMoELayers
+from .passes.prune_experts import PruneExperts
+from .passes.reduce_top_k import ReduceTopK
+from .runtime.executor import default_device
+
+log = logging.getLogger("moecompile")
+
+
+@dataclass
+class JobResult:
+    exit_code: int
+    output: Path | None = None
+    report: dict | None = None
+
+
+def passes_for(options: Options, router_mode: str) -> list[Pass]:
+    """The passes the flags ask for, in their documented order: --experts, --top-k,
+    --drop-blocks, --drop-moe-layers (the Python API composes them in any order)."""
+    evaluations, seconds = options.search_length
+    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
+    out: list[Pass] = []
+    if options.experts is not None:
+        out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
+    if options.top_k is not None:
+        out.append(ReduceTopK(options.top_k, options.topk_method, config))
+    if options.drop_blocks:
+        out.append(DropBlocks(options.drop_blocks))
+    if options.drop_moe_layers:
+        out.append(DropMoELayers(options.drop_moe_layers))
+    return out
+
+
+def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
+    options.validate()
+    target = target_for(options.target)
+    target.configure(options)
+    model = frontend.load(options.model)
+    router_mode = "exact" if target.holds_router_map else "onehot"
+    ctx = PassContext(device=options.device or default_device(), seed=options.seed,
+                      progress=not options.quiet,
+                      calibrate=_calibrator(options, say) if options.calib else None)
+    model = _run_passes(model, passes_for(options, router_mode), ctx, say)
+    request = TypeRequest(dtype=options.dtype, quant=options.quant,
+                          quant_map=Path(options.quant_map) if options.quant_map else None,
+                          budget=options.budget_bytes, budget_text=options.budget, ctx=options.ctx,
+                          workdir=_workdir(options))
+    plan = _choose_types(target, model, request, ctx, options, router_mode, say)
+    for line in plan.lines:
+        say(line)
+    if options.print_ir:
+        say(ir.format_ir(plan.model))
+        if not options.output:
+            return JobResult(0)
+    out = output_file(options.output, plan.model.source, plan.label, target.suffix)
+    launch_lines, launch_report = target.launch_plan(plan, out.name, options)
+    committed = target.commit(plan, out, verify=not options.no_verify, device=options.device,
+                              progress=not options.quiet)
+    report_path = out.with_suffix(".report.json")
+    report = {"moecompile": __version__, "source": plan.model.source,
+              "family": plan.model.family, "target": target.name, **committed.report,
+              **plan.report, **launch_report,
+              "verification": committed.verification.to_dict() if committed.verification
+              else None}
+    write_json_atomic(report_path, report)
+    for line in target.committed_lines(committed, plan) + _summary(committed, report_path):
+        say(line)
+    for line in launch_lines:
+        say(line)
+    return JobResult(0 if committed.passed else 1, committed.output, report)
+
+
+def _calibrator(options: Options, say: Callable[[str], None]) -> Callable[[ir.Model], CalibSet]:
+    def build(model: ir.Model) -> CalibSet:
+        calib = build_calib(model, options.calib, options.calib_n)
+        say(f"calibration: {calib.spec} ({calib.n_examples} examples, {calib.n_tokens} tokens; "
+            f"fitness: {'exact-match accuracy' if calib.kind == 'tasks' else '-KL to the original'})")
+        return calib
+    return build
+
+
+def _run_passes(model: ir.Model, passes: list[Pass], ctx: PassContext,
+                say: Callable[[str], None]) -> ir.Model:
+    model, done = PassManager(passes).run(model, ctx)
+    for p, result in done:
+        line = p.summary(result.report)
+        if line:
+            say(line)
+    return model
+
+
+def _workdir(options: Options) -> Path | None:
+    """The output's folder, where large scratch files go (it exists once validated)."""
+    if not options.output:
+        return None
+    out = Path(options.output)
+    folder = options.output.endswith(("/", "\\")) or out.is_dir()
+    where = out if folder and out.exists() else out.parent
+    return where if where.is_dir() else None
+
+
+def _choose_types(target, model: ir.Model, request: TypeRequest, ctx: PassContext,
+                  options: Options, router_mode: str, say: Callable[[str], None]) -> TypePlan:
+    """The target's type choice; with --allow-prune, a budget only fewer experts can meet is
+    met by pruning to the number the target names, then choosing again."""
+    try:
+        return target.choose_types(model, request, ctx)
+    except BudgetUnreachable as exc:
+        if not options.allow_prune or exc.experts is None:
+            raise
+        say(f"--allow-prune: pruning to {exc.experts} experts per layer to meet --budget "
+            f"{options.budget}")
+        evaluations, seconds = options.search_length
+        config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
+        prune = PruneExperts(exc.experts, options.prune_method, config, router_mode)
+        model = _run_passes(model, [prune], ctx, say)
+        return target.choose_types(model, request, ctx)
+
+
+def _summary(committed: Committed, report_path: Path) -> list[str]:
+    r = committed.report
+    lines = [f"wrote {committed.output} ({r['arch']}, {r['tensor_bytes'] / 2**20:.1f} MiB of "
+             f"tensors, {len(r['tensors'])} tensors)"]
+    if committed.verification is not None:
+        lines.append("verify " + committed.verification.summary())
+    else:
+        lines.append("verification skipped (--no-verify)")
+    lines.append(f"report {report_path}")
+    return lines

@@ -1,0 +1,161 @@
+"""What a user asked for, as one frozen object, checked before any model is read.
+
+The command line builds it (cli.py); the job reads it (job.py); nothing mutates it. Checks that
+need the target's knowledge (which flags its runtime can honour) are the target's
+(`Target.configure`); checks that need the model are the passes' and the target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+from .sizes import parse_size
+
+DEFAULT_EVALUATIONS = 400  # EEP's search length (the released config's total_iter)
+
+
+@dataclass(frozen=True)
+class Options:
+    model: str
+    target: str = "gguf"
+    output: str | None = None
+    onnx_moe: str = "auto"
+    dtype: str = "auto"
+    quant: str | None = None
+    quant_map: str | None = None
+    budget: str | None = None
+    allow_prune: bool = False
+    ctx: int | None = None
+    gpu_mem: str | None = None
+    ram: str | None = None
+    print_ir: bool = False
+    experts: int | None = None
+    prune_method: str = "eep"
+    calib: str | None = None
+    calib_n: int = 32
+    search_budget: str | None = None
+    seed: int = 0
+    top_k: int | None = None
+    topk_method: str = "search"
+    drop_blocks: int = 0
+    drop_moe_layers: int = 0
+    no_verify: bool = False
+    device: str | None = None
+    quiet: bool = False
+    debug: bool = False
+
+    @classmethod
+    def from_namespace(cls, ns) -> "Options":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def budget_bytes(self) -> int | None:
+        return parse_size(self.budget) if self.budget else None
+
+    @property
+    def searched(self) -> bool:
+        """Does a pass search (EEP or top-k search) on calibration data?"""
+        return (self.experts is not None or self.allow_prune
+                or (self.top_k is not None and self.topk_method == "search"))
+
+    @property
+    def search_length(self) -> tuple[int, float | None]:
+        """--search-budget: '400' (evaluations) or '90s' / '2m' (time) -> (evaluations,
+        seconds)."""
+        return parse_search_budget(self.search_budget)
+
+    def validate(self) -> "Options":
+        """Refuse inconsistent flags; returns self."""
+        calibrated = self.searched or self.drop_blocks or self.drop_moe_layers
+        quantized = bool(self.quant or self.quant_map)
+        if not calibrated and not quantized and (self.calib or self.search_budget):
+            raise UserError("--calib/--search-budget only apply with --experts, --top-k, "
+                            "--drop-blocks, --drop-moe-layers or --quant/--quant-map (importance "
+                            "matrix)")
+        if self.search_budget and not self.searched:
+            raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
+                            "with search")
+        for flag, value in (("--budget", self.budget), ("--gpu-mem", self.gpu_mem),
+                            ("--ram", self.ram)):
+            if value is not None:
+                parse_size(value, flag)  # malformed sizes fail before any model is read
+        if self.ram and not self.gpu_mem:
+            raise UserError("--ram only applies with --gpu-mem")
+        if self.allow_prune and (self.quant != "auto" or self.experts is not None):
+            raise UserError("--allow-prune applies to --quant auto without --experts")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k {self.top_k}: must be at least 1")
+        if self.top_k is not None and self.experts is not None and self.top_k > self.experts:
+            raise UserError(f"--top-k {self.top_k} exceeds the {self.experts} experts kept by "
+                            "--experts")
+        if self.drop_blocks < 0 or self.drop_moe_layers < 0:
+            raise UserError("--drop-blocks/--drop-moe-layers must not be negative")
+        if calibrated and not self.calib:
+            what = ("--experts" if self.experts is not None else "--top-k (search)"
+                    if self.searched else "--drop-blocks/--drop-moe-layers")
+            raise UserError(f"{what} needs calibration data: --calib TASKS (e.g. add,sort or "
+                            "all), --calib FILE.jsonl or --calib FILE.txt")
+        if self.calib_n < 1:
+            raise UserError(f"--calib-n {self.calib_n}: must be at least 1")
+        if self.quant and self.quant_map:
+            raise UserError("give --quant or --quant-map, not both")
+        self.search_length  # a malformed --search-budget fails here
+        if self.output is None and not self.print_ir:
+            raise UserError(f"no output given: use -o OUT.{self.target} (or --print-ir to "
+                            "inspect the model)")
+        if self.output is not None:
+            out, folder = output_place(self.output)
+            if not folder and out.suffix != f".{self.target}":
+                raise UserError(f"{out}: output for --target {self.target} must end in "
+                                f".{self.target}")
+        return self
+
+
+def parse_search_budget(text: str | None) -> tuple[int, float | None]:
+    """'400' (evaluations) or '90s' / '2m' (time) -> (evaluations, seconds)."""
+    if text is None:
+        return DEFAULT_EVALUATIONS, None
+    t = text.strip().lower()
+    try:
+        if t.endswith("s"):
+            return 10**9, float(t[:-1])
+        if t.endswith("m"):
+            return 10**9, 60 * float(t[:-1])
+        value = int(t)
+    except ValueError:
+        value = 0
+    if value < 1 or value > 10**7:
+        raise UserError(f"--search-budget '{text}': expected a number of evaluations (e.g. 400) "
+                        "or a time (e.g. 90s, 5m)")
+    return value, None
+
+
+def output_place(output: str) -> tuple[Path, bool]:
+    """(path, is_folder) for `-o`: a file, or a folder (ending in / or existing) the file is
+    named in; checked to be writable before any model is read."""
+    out = Path(output)
+    folder = output.endswith(("/", "\\")) or out.is_dir()
+    parent = out.parent if not folder else out if out.exists() else out.parent
+    if not parent.exists():
+        raise UserError(f"{out}: output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{out}: {parent} is not a folder")
+    return out, folder
+
+
+def output_file(output: str, source: str, label: str, suffix: str) -> Path:
+    """OUT as given, or DIR/<model>-<label><suffix> for a folder (created, one level, like
+    cp); the same rule on every target."""
+    out, folder = output_place(output)
+    if folder:
+        if not out.exists():
+            out.mkdir()
+        out = out / f"{Path(source).name}-{label}{suffix}"
+    if out.suffix != suffix:
+        raise UserError(f"{out}: output for --target {suffix[1:]} must end in {suffix}")
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder")
+    return out

@@ -1,0 +1,108 @@
+"""Expert pruning: keep N experts per MoE layer, chosen by EEP or a baseline.
+
+    PruneExperts(4, "eep").run(model, PassContext(calib=calib))
+
+Every method has the same interface and the same calibration data, so they compare fairly;
+EEP's search (moecompile/analysis/eep.py, arXiv 2407.00945) starts from the baselines'
+choices (moecompile/analysis/baselines.py), so on the calibration set it is never worse than
+them. The report (kept experts per layer, merge weights, fitness of every method on the
+calibration set, the search's history) goes into the model's pass history, hence into the JSON
+report beside the output and the GGUF metadata.
+
+Requires MoE layers whose router has one row per expert (no earlier router map); ensures every
+MoE layer has `n_keep` experts and top-k at most `n_keep`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from moecompile import ir
+from moecompile.analysis import baselines
+from moecompile.analysis.eep import EEPConfig, search
+from moecompile.analysis.expert_plan import apply_plans, moe_layers
+from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.errors import UserError
+
+from .base import Pass, PassContext, PassResult
+
+METHODS = ("eep",) + baselines.BASELINES
+HISTORY_POINTS = 50  # fitness history kept in the report, evenly subsampled
+
+
+def check_request(model: ir.Model, n_keep: int, method: str) -> int:
+    """The experts per layer before pruning; UserError for a request the model cannot meet."""
+    layers = moe_layers(model)
+    if not layers:
+        raise UserError("the model has no MoE layers to prune")
+    counts = {model.blocks[i].ffn.n_experts for i in layers}
+    if method not in METHODS:
+        raise UserError(f"unknown pruning method '{method}'; choose from {', '.join(METHODS)}")
+    if n_keep < 1 or n_keep > min(counts):
+        raise UserError(f"--experts {n_keep}: must be between 1 and the model's "
+                        f"{min(counts)} experts per layer")
+    if any(model.blocks[i].ffn.router_map is not None for i in layers):
+        raise UserError("the model's experts were already pruned with a router map")
+    return max(counts)
+
+
+class PruneExperts(Pass):
+    name = "prune_experts"
+    requires = "MoE layers with one router row per expert"
+    ensures = "n_keep experts per MoE layer, top-k clamped to n_keep"
+
+    def __init__(self, n_keep: int, method: str = "eep", config: EEPConfig | None = None,
+                 router_mode: str = "onehot"):
+        self.n_keep, self.method, self.router_mode = n_keep, method, router_mode
+        self.config = config
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        n_experts = check_request(model, self.n_keep, self.method)
+        n_keep, method, router_mode = self.n_keep, self.method, self.router_mode
+        t0 = time.monotonic()
+        calib = ctx.calibration(model, "--experts")
+        layers = moe_layers(model)
+        io = baselines.collect_layer_io(model, calib, ctx.device)
+        evaluator = FitnessEvaluator(model, calib, ctx.device, router_mode=router_mode)
+        report: dict = {"pass": self.name, "method": method, "experts": n_keep,
+                        "experts_before": n_experts, "calib": calib.spec,
+                        "calib_examples": calib.n_examples, "fitness_kind":
+                        "accuracy" if calib.kind == "tasks" else "neg_kl", "seed": ctx.seed}
+        report["fitness_unpruned"] = round(evaluator.fitness({}), 6)
+        if method == "eep":
+            starts = {name: baselines.choose(name, model, io, n_keep, ctx.seed, ctx.device)
+                      for name in baselines.BASELINES}
+            config = self.config or EEPConfig(seed=ctx.seed)
+            result = search(evaluator.fitness, layers, n_experts, n_keep, starts, config,
+                            router_mode, ctx.progress)
+            plans = result.plans
+            report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
+            report["phase1_best"] = round(result.phase1_best, 6)
+            report["evaluations"] = result.evaluations
+            report["cache_hits"] = evaluator.cache_hits
+            step = max(1, len(result.history) // HISTORY_POINTS)
+            report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
+            report["router_mode"] = router_mode
+        else:
+            plans = baselines.choose(method, model, io, n_keep, ctx.seed, ctx.device)
+        report["fitness"] = round(evaluator.fitness(plans), 6)
+        report["seconds"] = round(time.monotonic() - t0, 2)
+        report["layers"] = {str(layer): plan.to_dict() for layer, plan in plans.items()}
+        pruned = apply_plans(model, plans, router_mode=router_mode)
+        top_k = model.blocks[layers[0]].ffn.top_k
+        if n_keep < top_k:
+            report["top_k_clamped"] = [top_k, n_keep]
+        return PassResult(pruned, True, report)
+
+    def summary(self, report: dict) -> str:
+        line = (f"pruned to {report['experts']} of {report['experts_before']} experts per layer "
+                f"by {report['method']}: calibration fitness {report['fitness']:.4f} (unpruned "
+                f"{report['fitness_unpruned']:.4f}")
+        if "baseline_fitness" in report:
+            best = max(report["baseline_fitness"].items(), key=lambda kv: kv[1])
+            line += f"; best baseline {best[0]} {best[1]:.4f}"
+        line += f"; {report['seconds']:.0f} s)"
+        if "top_k_clamped" in report:
+            before, after = report["top_k_clamped"]
+            line += f"\ntop-k {before} clamped to {after}: only {after} experts are kept per layer"
+        return line
