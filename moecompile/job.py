@@ -34,8 +34,21 @@ log = logging.getLogger("moecompile")
 @dataclass
 class JobResult:
     exit_code: int
-    output: Path | None = None
+    plan: TypePlan | None = None
+    committed: Committed | None = None
     report: dict | None = None
+
+    @property
+    def output(self) -> Path | None:
+        return self.committed.output if self.committed else None
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def verification(self):
+        return self.committed.verification if self.committed else None
 
 
 def passes_for(options: Options, router_mode: str) -> list[Pass]:
@@ -56,9 +69,9 @@ def passes_for(options: Options, router_mode: str) -> list[Pass]:
 
 
 def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
-    options.validate()
     target = target_for(options.target)
     target.configure(options)
+    options.validate()
     model = frontend.load(options.model)
     router_mode = "exact" if target.holds_router_map else "onehot"
     ctx = PassContext(device=options.device or default_device(), seed=options.seed,
@@ -78,20 +91,41 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
             return JobResult(0)
     out = output_file(options.output, plan.model.source, plan.label, target.suffix)
     launch_lines, launch_report = target.launch_plan(plan, out.name, options)
-    committed = target.commit(plan, out, verify=not options.no_verify, device=options.device,
-                              progress=not options.quiet)
+    result = commit(target, plan, out, verify=not options.no_verify, device=options.device,
+                    progress=not options.quiet, extra_report=launch_report, say=say)
+    for line in launch_lines:
+        say(line)
+    return result
+
+
+def compile_model(model: ir.Model, out: Path, target="gguf",
+                  request: TypeRequest | None = None, ctx: PassContext | None = None,
+                  verify: bool = True, device: str | None = None,
+                  progress: bool = True) -> JobResult:
+    """The job's second half for a model already in the IR (the Python API): the target (a
+    name or a configured Target) chooses types for `request`, then commits to `out` and
+    writes OUT.report.json."""
+    chosen = target_for(target) if isinstance(target, str) else target
+    plan = chosen.choose_types(model, request or TypeRequest(), ctx or PassContext(
+        device=device or default_device(), progress=progress))
+    return commit(chosen, plan, Path(out), verify, device, progress)
+
+
+def commit(target, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
+           progress: bool = True, extra_report: dict | None = None,
+           say: Callable[[str], None] = lambda line: None) -> JobResult:
+    """Write, verify and rename the file (the target's commit), then OUT.report.json."""
+    committed = target.commit(plan, out, verify=verify, device=device, progress=progress)
     report_path = out.with_suffix(".report.json")
     report = {"moecompile": __version__, "source": plan.model.source,
               "family": plan.model.family, "target": target.name, **committed.report,
-              **plan.report, **launch_report,
+              **plan.report, **(extra_report or {}),
               "verification": committed.verification.to_dict() if committed.verification
               else None}
     write_json_atomic(report_path, report)
     for line in target.committed_lines(committed, plan) + _summary(committed, report_path):
         say(line)
-    for line in launch_lines:
-        say(line)
-    return JobResult(0 if committed.passed else 1, committed.output, report)
+    return JobResult(0 if committed.passed else 1, plan, committed, report)
 
 
 def _calibrator(options: Options, say: Callable[[str], None]) -> Callable[[ir.Model], CalibSet]:

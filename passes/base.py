@@ -67,6 +67,19 @@ class Pass:
         return None
 
 
+def apply(p: Pass, model: ir.Model, calib: CalibSet | str | None = None, calib_n: int = 32,
+          device: str = "cpu", seed: int = 0, progress: bool = False) -> tuple[ir.Model, dict]:
+    """Run one pass through the manager (verified, recorded in the history when it changed
+    the model): the Python API. `calib` is a calibration set or a --calib spec."""
+    from moecompile.analysis.calibration import build_calib
+
+    if isinstance(calib, str):
+        calib = build_calib(model, calib, calib_n)
+    ctx = PassContext(device=device, seed=seed, progress=progress, calib=calib)
+    model, done = PassManager([p]).run(model, ctx)
+    return model, done[0][1].report
+
+
 class PassManager:
     def __init__(self, passes: list[Pass]):
         self.passes = passes

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import build_tiny_model, train_tokenizer
+from moecompile.testing.models import build_tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="session")

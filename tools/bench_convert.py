@@ -59,6 +59,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moecompile.testing.checkpoints import ensure_model, log
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("bf16", "q8_0")
 TOOLS = ("moecompile", "convert_hf_to_gguf")
@@ -67,41 +69,7 @@ TIME_TARGET = 1.0  # moecompile wall time / reference wall time must be at most 
 GIB = 2 ** 30
 
 
-def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------ inputs
-
-
-_BUILD_SCRIPT = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from builders import build_random_checkpoint, olmoe_1b7b_config, train_tokenizer
-out, layers = sys.argv[2], int(sys.argv[3])
-tok = train_tokenizer(out + "/tokenizer")
-build_random_checkpoint(olmoe_1b7b_config(num_hidden_layers=layers), out,
-                        dtype=torch.bfloat16, tokenizer_dir=tok, seed=0)
-"""
-
-
-def ensure_model(work: Path, layers: int) -> Path:
-    """The cached OLMoE-shaped checkpoint, built on first use.
-
-    Built in a child process so torch never enters this process (see the module docstring on
-    RSS); a `.complete` marker is written last so an interrupted build is redone, not reused."""
-    out = work / f"olmoe-1b7b-{layers}l-bf16"
-    if (out / ".complete").exists():
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    log(f"building a random {layers}-layer OLMoE-1B-7B-shaped checkpoint in {out} (~40 s/2 layers)")
-    subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(ROOT / "tests"), str(out), str(layers)],
-                   check=True)
-    shutil.rmtree(out / "tokenizer")  # its files were copied next to the weights
-    (out / ".complete").write_text("")
-    return out
 
 
 _WRAPPER = '''"""Written by tools/bench_convert.py: llama.cpp's convert_hf_to_gguf.py with the BPE

@@ -30,12 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from moecompile.testing.checkpoints import ensure_model
+from moecompile.testing.timing import DECODE_TOKENS, LLAMA_TIMER, PROMPT_TOKENS
 
-from bench_convert import ensure_model  # noqa: E402
-from bench_trim import DECODE_TOKENS, PROMPT_TOKENS  # noqa: E402
-from bench_trim import _TIMER as LLAMA_TIMER  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET = 1.5
 
@@ -142,22 +140,21 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def router_gain(work: Path, n: int) -> list[dict]:
     """EEP to 4 experts with the one-hot and with the exact router, each compiled to ONNX."""
-    sys.path.insert(0, str(ROOT))
     from moecompile import frontend
-    from moecompile.compile_onnx import compile_onnx
     from moecompile.evaluation import evaluate
-    from moecompile.passes.prune import prune_experts
+    from moecompile.job import compile_model
+    from moecompile.passes.base import apply
+    from moecompile.passes.prune_experts import PruneExperts
     from moecompile.tasks import TASKS
 
     bundled = ROOT / "models" / "moe-tiny"
     model = frontend.load(bundled)
     rows = []
     for mode in ("onehot", "exact"):
-        pruned, report = prune_experts(model, 4, "eep", "all", calib_n=32, router_mode=mode,
-                                       progress=False)
+        pruned, report = apply(PruneExperts(4, "eep", router_mode=mode), model, "all", 32)
         out = work / f"router-{mode}" / "model.onnx"
         out.parent.mkdir()
-        compiled = compile_onnx(pruned, out, progress=False)
+        compiled = compile_model(pruned, out, "onnx", progress=False)
         scores = evaluate(str(out), base=str(bundled), tasks=list(TASKS), n=n, progress=False)
         accuracy = {t: r["accuracy"] for t, r in scores["tasks"].items()}
         rows.append({"router": mode, "calib_fitness": report["fitness"],

@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
+from moecompile import frontend
+from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.eep import EEPConfig
+from moecompile.evaluation import evaluate
+from moecompile.evaluation.backends import IRBackend
+from moecompile.passes.base import apply
+from moecompile.passes.prune_experts import PruneExperts
+from moecompile.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from moecompile import frontend  # noqa: E402
-from moecompile.evaluation import evaluate  # noqa: E402
-from moecompile.evaluation.backends import IRBackend  # noqa: E402
-from moecompile.passes.calib import build_calib  # noqa: E402
-from moecompile.passes.eep import EEPConfig  # noqa: E402
-from moecompile.passes.prune import prune_experts  # noqa: E402
-from moecompile.tasks import TASKS  # noqa: E402
 
 RANDOM_DRAWS = 3
 COLUMNS = ("random", "frequency", "mass", "reconstruct", "eep", "eep_exact")
@@ -73,10 +70,10 @@ def main() -> None:
                 accs, fits, secs = [], [], []
                 for seed in draws:
                     t0 = time.monotonic()
-                    pruned, report = prune_experts(
-                        model, n_keep, method.replace("_exact", ""), calib, seed=seed,
-                        config=EEPConfig(evaluations=args.budget, seed=seed),
-                        router_mode="exact" if method == "eep_exact" else "onehot", progress=False)
+                    pruned, report = apply(PruneExperts(
+                        n_keep, method.replace("_exact", ""),
+                        EEPConfig(evaluations=args.budget, seed=seed),
+                        "exact" if method == "eep_exact" else "onehot"), model, calib, seed=seed)
                     secs.append(time.monotonic() - t0)
                     accs.append(accuracy(pruned, setting, args.n_test))
                     fits.append(report["fitness"])

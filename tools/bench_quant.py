@@ -27,44 +27,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 if __name__ == "__main__":  # before torch and llama.cpp load their OpenMP runtimes
     # Quality only, so one OpenMP thread per process: the results do not depend on it, and on
     # shared cores llama.cpp's and torch's spinning worker threads slowed evaluation ~20x.
     os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 
 from moecompile import frontend  # noqa: E402
-from moecompile.budget import context_bytes  # noqa: E402
 from moecompile.cli import main as compile_main  # noqa: E402
-from moecompile.evaluation import Backend, evaluate, open_backend  # noqa: E402
+from moecompile.evaluation import open_backend  # noqa: E402
+from moecompile.evaluation.paired import Z95, measure, paired_difference  # noqa: E402
+from moecompile.exporters.gguf.memory import context_bytes  # noqa: E402
 from moecompile.tasks import TASKS  # noqa: E402
 
 UNIFORM = ("q8_0", "q6_k", "q4_k", "q3_k", "q2_k")
 CTX = 512
-Z95 = 1.959964
-
-
-def measure(model: "str | Backend", base: "Backend | None", tasks: list[str], n: int) -> dict:
-    """evaluate() on `tasks`: accuracy overall and per task, plus `correct`: each prompt's
-    outcome, task by task."""
-    result = evaluate(model, base=base, tasks=tasks, n=n, progress=False)
-    correct = [c for task in tasks for c in result["tasks"][task]["correct"]]
-    return {"kl": result.get("kl", 0.0), "top1": result.get("top1_agreement", 1.0),
-            "accuracy": sum(correct) / len(correct), "correct": correct,
-            "tasks": {task: result["tasks"][task]["accuracy"] for task in tasks}}
-
-
-def paired_difference(a: list[bool], b: list[bool]) -> dict:
-    """Accuracy of a minus b over the same prompts, with a 95% confidence interval from the
-    per-prompt differences (normal approximation; only prompts where exactly one of the two is
-    right move it)."""
-    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
-    mean = sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
-    half = Z95 * sd / math.sqrt(len(d))
-    return {"diff": mean, "low": mean - half, "high": mean + half,
-            "a_only": d.count(1), "b_only": d.count(-1), "n": len(d)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def compile_gguf(model: str, out: Path, *flags: str) -> bool:

@@ -23,36 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from moecompile.evaluation import evaluate
+from moecompile.tasks import TASKS
+from moecompile.testing.checkpoints import ensure_model
+from moecompile.testing.timing import DECODE_TOKENS, LLAMA_TIMER, PROMPT_TOKENS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_convert import ensure_model  # noqa: E402
-
-from moecompile.evaluation import evaluate  # noqa: E402
-from moecompile.tasks import TASKS  # noqa: E402
-
-PROMPT_TOKENS = 128
-DECODE_TOKENS = 64
 THREADS = 2
-
-_TIMER = """
-import sys, time, json
-import numpy as np
-from llama_cpp import Llama
-path, prompt_n, decode_n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-n_ctx = prompt_n + decode_n + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores
-llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-            n_batch=n_ctx, logits_all=False, verbose=False)
-rng = np.random.default_rng(0)
-prompt = [int(t) for t in rng.integers(10, llm.n_vocab() - 10, prompt_n)]
-t0 = time.perf_counter(); llm.eval(prompt); t1 = time.perf_counter()
-for _ in range(decode_n):
-    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-t2 = time.perf_counter()
-print(json.dumps({"prompt_tps": prompt_n / (t1 - t0), "decode_tps": decode_n / (t2 - t1)}))
-"""
-
 
 def compile_variant(model: Path, out: Path, extra: list[str], verify: bool) -> None:
     cmd = [sys.executable, "-m", "moecompile.cli", str(model), "-o", str(out), "--dtype", "q8_0",
@@ -61,7 +38,7 @@ def compile_variant(model: Path, out: Path, extra: list[str], verify: bool) -> N
 
 
 def time_once(path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _TIMER, str(path), str(PROMPT_TOKENS),
+    out = subprocess.run([sys.executable, "-c", LLAMA_TIMER, str(path), str(PROMPT_TOKENS),
                           str(DECODE_TOKENS), str(THREADS)], check=True, capture_output=True,
                          text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,12 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from moecompile.cli import main as compile_main  # noqa: E402
-from moecompile.evaluation import evaluate  # noqa: E402
-from moecompile.tasks import TASKS  # noqa: E402
+from moecompile.cli import main as compile_main
+from moecompile.evaluation import evaluate
+from moecompile.tasks import TASKS
 
 SECTION = "## Accuracy by runtime"
 

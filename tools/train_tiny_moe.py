@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from moecompile.tasks import GENERATORS, TASKS, corpus_texts, examples, score, split_of
 
-from moecompile.tasks import TASKS, GENERATORS, corpus_texts, examples, score, split_of  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -24,11 +24,20 @@ from moecompile.analysis import allocate, imatrix, sensitivity
 from moecompile.errors import UserError
 from moecompile.runtime.llama_worker import run_llama_cpp
 from moecompile.sizes import format_size, parse_size
-from moecompile.verify import compare_with_reference, fixed_tokens, N_TOKENS
+from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
 from ..quant_map import match_rules, read_rules
-from ..target import (BudgetUnreachable, Committed, Target, TypePlan, TypeRequest, failed_name,
-                      resolve_ctx, temp_path, types_entry)
+from ..target import (
+    BudgetUnreachable,
+    Committed,
+    Target,
+    TypePlan,
+    TypeRequest,
+    failed_name,
+    resolve_ctx,
+    temp_path,
+    types_entry,
+)
 from . import arch as gguf_arch
 from . import imatrix_dat, memory, offload, writer
 from .numerics import FileNumerics, StoredNumerics
@@ -149,12 +158,12 @@ class GGUFTarget(Target):
                                 f"{format_size(mem.total_bytes)} ({mem.describe(n_ctx)}); try "
                                 "--quant auto")
         if quantizer and importance is None and ctx.has_calibration:
-            importance = self._importance(model, ctx)
+            importance = self.importance(model, ctx)
         typed = typed.with_history(types_entry(self.name, method, label, typed))
         return TypePlan(typed, label, weights, report, lines,
                         {"quantizer": quantizer, "importance": importance})
 
-    def _importance(self, model: ir.Model, ctx) -> tuple[dict, int]:
+    def importance(self, model: ir.Model, ctx) -> tuple[dict, int]:
         """The importance matrix by GGUF tensor and the calibration sequences it came from."""
         calib = ctx.calibration(model, "the importance matrix")
         quantizable = self.quantizable(model)
@@ -166,7 +175,7 @@ class GGUFTarget(Target):
         """--quant auto: measured sensitivity, then the lowest predicted loss that fits."""
         fixed = memory.context_bytes(model, n_ctx)
         calib = ctx.calibration(model, "--quant auto")
-        importance = self._importance(model, ctx)
+        importance = self.importance(model, ctx)
         sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
                                 ctx.progress)
         groups = self.groups(model)

@@ -28,7 +28,6 @@ from moecompile import ir
 from . import vocab as gguf_vocab
 from .types import FILE_TYPES, Q, encode, ggml
 
-
 # ------------------------------------------------------------------------------ what is written
 
 

@@ -30,11 +30,18 @@ from moecompile.sizes import format_size
 from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
 from ..quant_map import match_rules, read_rules
-from ..target import (Committed, Target, TypePlan, TypeRequest, failed_name, resolve_ctx,
-                      temp_path, types_entry)
-from . import lower
+from ..target import (
+    Committed,
+    Target,
+    TypePlan,
+    TypeRequest,
+    failed_name,
+    resolve_ctx,
+    temp_path,
+    types_entry,
+)
+from . import lower, package
 from . import quant as oq
-from . import package
 from .numerics import OnnxNumerics
 
 log = logging.getLogger("moecompile")

@@ -1,5 +1,8 @@
 """Build tiny, random-weight Mixture-of-Experts checkpoints for tests and benchmarks.
 
+Shipped in the package (as numpy.testing is) so tests and tools import it from the installed
+package rather than from a path.
+
 Nothing here touches a model hub: the tokenizer is trained locally on the Python
 standard library's own source files and the weights are seeded random tensors.
 Every builder is deterministic for a given seed, so two test sessions (or two
@@ -63,6 +66,8 @@ from transformers import (
 )
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+REPO = Path(__file__).resolve().parents[2]  # the source checkout, for tests and tools
+BUNDLED = REPO / "models" / "moe-tiny"  # the bundled default model
 
 SPECIAL_TOKEN = "<|endoftext|>"
 
@@ -360,6 +365,18 @@ def build_tiny_model(
         fused_experts=fused_experts,
         max_shard_size=max_shard_size,
     )
+
+
+def hf_logits(folder, ids, attention_mask=None, **config_overrides) -> torch.Tensor:
+    """transformers' own forward pass over `folder` in float32: the numerical reference."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **config_overrides)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attention_mask).logits
+
+
+def random_ids(vocab: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def safetensors_keys(model_dir: Path) -> dict[str, tuple[int, ...]]:

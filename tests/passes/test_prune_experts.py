@@ -1,26 +1,32 @@
 """Expert pruning: EEP and the baselines, on every architecture, through llama.cpp."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builders import ARCHS
 from moecompile import frontend, ir
+from moecompile.analysis.baselines import choose, collect_layer_io
+from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.eep import EEPConfig
+from moecompile.analysis.expert_plan import LayerPlan, apply_plans, keep_plan, moe_layers
+from moecompile.analysis.fitness import FitnessEvaluator
 from moecompile.cli import main
-from moecompile.compile import compile_gguf
-from moecompile.passes.calib import build_calib
-from moecompile.passes.eep import EEPConfig
-from moecompile.passes.expert_plan import LayerPlan, apply_plans, keep_plan, moe_layers
-from moecompile.passes.fitness import FitnessEvaluator
-from moecompile.passes.prune import prune_experts
-from moecompile.passes.prune_baselines import collect_layer_io, choose
+from moecompile.exporters.target import TypeRequest
+from moecompile.job import compile_model
+from moecompile.passes.base import apply
+from moecompile.passes.prune_experts import PruneExperts
 from moecompile.runtime import ReferenceExecutor
+from moecompile.testing.models import ARCHS, BUNDLED
 
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
+F32 = TypeRequest(dtype="f32")
+
+
+def prune_experts(model, n, method, calib, calib_n=32, config=None, progress=False):
+    """The pass through the manager, as the job runs it: (model, report)."""
+    return apply(PruneExperts(n, method, config), model, calib, calib_n, progress=progress)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def test_pruned_export_verifies_for_every_arch(tiny_model, tmp_path, calib_of, a
     pruned, report = prune_experts(model, 2, "frequency", calib_of(model), progress=False)
     assert all(b.ffn.n_experts == 2 and b.ffn.router.weight.shape[0] == 2 for b in pruned.blocks)
     assert pruned.history[-1]["pass"] == "prune_experts"
-    result = compile_gguf(pruned, tmp_path / "p.gguf", dtype="f32", progress=False)
+    result = compile_model(pruned, tmp_path / "p.gguf", "gguf", F32, progress=False)
     assert result.passed, result.verification.summary()
     assert result.report["passes"][0]["layers"] == report["layers"]
 
@@ -54,7 +60,7 @@ def test_merged_experts_export_and_match_reference(tiny_model, tmp_path):
                               np.eye(8)[[1, 4, 6]]) for layer in moe_layers(model)}
     merged = ir.verify(apply_plans(model, plans))
     assert merged.blocks[0].ffn.experts[0].gate.dtype == "f32"
-    result = compile_gguf(merged, tmp_path / "m.gguf", dtype="f32", progress=False)
+    result = compile_model(merged, tmp_path / "m.gguf", "gguf", F32, progress=False)
     assert result.passed and result.verification.top1_agreement == 1.0
 
 
@@ -79,7 +85,7 @@ def test_exact_router_map_is_refused_by_gguf(tiny_model, tmp_path):
              for layer in moe_layers(model)}
     mapped = apply_plans(model, plans, router_mode="exact")
     with pytest.raises(Exception, match="continuous matrix"):
-        compile_gguf(mapped, tmp_path / "x.gguf", dtype="f32", progress=False)
+        compile_model(mapped, tmp_path / "x.gguf", "gguf", F32, progress=False)
     assert not list(tmp_path.iterdir())
 
 

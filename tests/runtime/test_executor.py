@@ -2,22 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from builders import ARCHS
 from moecompile import frontend
 from moecompile.runtime import ReferenceExecutor
-
-
-def hf_logits(folder, ids, attention_mask=None):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=attention_mask).logits
-
-
-def random_ids(vocab, shape, seed=0):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+from moecompile.testing.models import ARCHS, hf_logits, random_ids
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,7 +1,6 @@
 """The bundled trained model: what tools/eval.py measures on it through both runtimes."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -9,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from moecompile.cli import main as compile_main
 from moecompile.evaluation import evaluate
 from moecompile.tasks import TASKS
+from moecompile.testing.models import BUNDLED
 
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
 N = 40
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from builders import ARCHS, build_tiny_model, safetensors_keys, tiny_config
+from moecompile.testing.models import ARCHS, build_tiny_model, safetensors_keys, tiny_config
 
 ROUND_TRIP_TEXTS = [
     "def f(x):\n    return x + 1\n",

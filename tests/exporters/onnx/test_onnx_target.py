@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builders import ARCHS
 from moecompile import frontend
 from moecompile.cli import main
-from moecompile.compile_onnx import compile_onnx
-from moecompile.exporters import onnx as onnx_export
+from moecompile.exporters.onnx import lower
+from moecompile.exporters.onnx.numerics import OnnxNumerics
+from moecompile.exporters.onnx.target import ONNXTarget, kv_cache_bytes, linear_weights
+from moecompile.exporters.target import TypeRequest
+from moecompile.job import compile_model
 from moecompile.runtime import ReferenceExecutor
 from moecompile.runtime.onnx_runner import OnnxDecoder
-from moecompile.target_onnx import linear_weights
+from moecompile.testing.models import ARCHS
 from moecompile.verify import compare, fixed_tokens
 
 # expert widths that fill 32-wide blocks, so every expert tensor can be quantized (and QMoE used)
@@ -26,17 +28,20 @@ BLOCK_DIMS = {"mixtral": {"intermediate_size": 64}, "olmoe": {"intermediate_size
 
 
 def reference(model, ids, numerics=None):
-    ex = (ReferenceExecutor(model, "cpu") if numerics is None else
-          ReferenceExecutor(model, "cpu", numerics.weight, numerics.input))
-    return ex.logits(torch.tensor([ids]))[0].numpy()
+    return ReferenceExecutor(model, "cpu", numerics).logits(torch.tensor([ids]))[0].numpy()
 
 
-@pytest.mark.parametrize("moe", onnx_export.MOE_LOWERINGS)
+def typed(model, kind):
+    """Every linear weight stored as `kind` (int8/int4), the rest float32."""
+    return model.with_types({p: kind for p in linear_weights(model)})
+
+
+@pytest.mark.parametrize("moe", lower.MOE_LOWERINGS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_matches_reference_and_transformers(tiny_model, tmp_path, arch, moe):
     folder = tiny_model(arch)
     model = frontend.load(folder)
-    result = onnx_export.export(model, tmp_path / "m.onnx", moe=moe, progress=False)
+    result = lower.export(model, tmp_path / "m.onnx", moe=moe, progress=False)
     assert set(result.lowering.values()) == {moe}
     ids = fixed_tokens(model.vocab, 48)
     got = OnnxDecoder(result.path).sequence_logits(ids)
@@ -50,25 +55,24 @@ def test_f32_matches_reference_and_transformers(tiny_model, tmp_path, arch, moe)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("moe", onnx_export.MOE_LOWERINGS)
+@pytest.mark.parametrize("moe", lower.MOE_LOWERINGS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantized_matches_reference_on_the_same_weights(tiny_model, tmp_path, arch, moe, kind):
     """Against the reference on the dequantized weights and int8-rounded activations ORT uses;
     the float model is far away (random weights are loud), the same numerics are not."""
-    model = frontend.load(tiny_model(arch, **BLOCK_DIMS[arch]))
-    quant = {k: kind for k in linear_weights(model)}
-    result = onnx_export.export(model, tmp_path / "q.onnx", moe=moe, quant=quant, progress=False)
+    model = typed(frontend.load(tiny_model(arch, **BLOCK_DIMS[arch])), kind)
+    result = lower.export(model, tmp_path / "q.onnx", moe=moe, progress=False)
     assert set(result.lowering.values()) == {moe}  # every expert fills whole blocks
     ids = fixed_tokens(model.vocab, 48)
     got = OnnxDecoder(result.path).sequence_logits(ids)
-    same, floating = reference(model, ids, result.numerics), reference(model, ids)
+    same, floating = reference(model, ids, OnnxNumerics(model)), reference(model, ids)
     assert compare("onnxruntime", got, same, floating, exact=False).passed
     assert np.abs(got - same).mean() < np.abs(got - floating).mean() / 3
 
 
 def test_kv_cache_generation_equals_recomputation(tiny_model, tmp_path):
     model = frontend.load(tiny_model("qwen3_moe"))
-    path = onnx_export.export(model, tmp_path / "m.onnx", moe="portable", progress=False).path
+    path = lower.export(model, tmp_path / "m.onnx", moe="portable", progress=False).path
     decoder = OnnxDecoder(path)
     prompts = [fixed_tokens(model.vocab, 7, seed=1), fixed_tokens(model.vocab, 3, seed=2)]
     cached = decoder.greedy(prompts, max_new=12)
@@ -104,9 +108,9 @@ def test_cli_compiles_verifies_and_writes_side_files(tiny_model, tmp_path):
 def test_external_data_saves_and_loads_by_path(tiny_model, tmp_path, kind):
     folder = tiny_model("olmoe", **BLOCK_DIMS["olmoe"])
     model = frontend.load(folder)
-    quant = kind and {k: kind for k in linear_weights(model)}
     out = tmp_path / "big.onnx"
-    result = compile_onnx(model, out, moe="portable", quant=quant, progress=False, external_at=0)
+    result = compile_model(model, out, ONNXTarget(moe="portable", external_at=0),
+                           TypeRequest(quant=kind), progress=False)
     data = tmp_path / "big.onnx.data"
     assert result.passed and data.exists()
     assert out.stat().st_size < 200_000 < data.stat().st_size  # weights outside the proto
@@ -115,8 +119,8 @@ def test_external_data_saves_and_loads_by_path(tiny_model, tmp_path, kind):
     assert outside and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0
                            for t in outside)
     ids = fixed_tokens(model.vocab, 32)
-    inline = onnx_export.export(model, tmp_path / "inline.onnx", moe="portable", quant=quant,
-                                progress=False)
+    inline = lower.export(typed(model, kind) if kind else model, tmp_path / "inline.onnx",
+                          moe="portable", progress=False)
     assert inline.data_path is None
     np.testing.assert_array_equal(OnnxDecoder(out).sequence_logits(ids),
                                   OnnxDecoder(inline.path).sequence_logits(ids))
@@ -131,7 +135,7 @@ def test_pruned_topk_reduced_quantized_model_exports_and_verifies(tiny_model, tm
                "--quiet"])
     assert rc == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert [p["pass"] for p in report["passes"]][:2] == ["prune_experts", "top_k"]
+    assert [p["pass"] for p in report["passes"]] == ["prune_experts", "top_k", "weight_types"]
     assert report["passes"][0]["router_mode"] == "exact"  # ONNX keeps EEP's router exact
     assert report["verification"]["passed"]
     names = {t["name"]: t["shape"] for t in report["tensors"]}
@@ -145,7 +149,7 @@ def test_pruned_topk_reduced_quantized_model_exports_and_verifies(tiny_model, tm
 def test_exact_eep_router_exports_exactly(tiny_model, tmp_path, arch):
     """EEP's exact router (softmax → mapping matrix → top-k), which GGUF must refuse, runs here:
     a merged expert set with a continuous router map, F32, matches the reference exactly."""
-    from moecompile.passes.expert_plan import LayerPlan, apply_plans
+    from moecompile.analysis.expert_plan import LayerPlan, apply_plans
 
     model = frontend.load(tiny_model(arch))
     rng = np.random.default_rng(0)
@@ -157,7 +161,7 @@ def test_exact_eep_router_exports_exactly(tiny_model, tmp_path, arch):
         plans[layer] = LayerPlan(merge, router)
     exact = apply_plans(model, plans, router_mode="exact")
     assert all(b.ffn.router_map is not None for b in exact.blocks)
-    result = compile_onnx(exact, tmp_path / "e.onnx", moe="ort", progress=False)
+    result = compile_model(exact, tmp_path / "e.onnx", ONNXTarget(moe="ort"), progress=False)
     assert result.passed and result.verification.top1_agreement == 1.0
     assert set(result.report["moe_lowering"].values()) == {"portable"}  # the map needs it
 
@@ -213,7 +217,7 @@ def test_onnx_flag_errors_exit_2(tiny_model, tmp_path, capsys, extra, message):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("moe", onnx_export.MOE_LOWERINGS)
+@pytest.mark.parametrize("moe", lower.MOE_LOWERINGS)
 def test_onnxruntime_genai_drives_the_export(tiny_model, tmp_path, moe):
     """onnxruntime-genai, reading only the genai_config.json written beside the model, generates
     the same greedy tokens as our own cached loop."""
@@ -236,7 +240,7 @@ def test_onnxruntime_genai_drives_the_export(tiny_model, tmp_path, moe):
     assert len(ours) >= 4 and theirs[:len(ours)] == ours
 
 
-BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
+from moecompile.testing.models import BUNDLED  # noqa: E402
 
 
 @pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="bundled model missing")
@@ -245,12 +249,10 @@ def test_quant_auto_chooses_per_expert_and_beats_uniform_int4(tmp_path):
     is: experts of one layer end up at different precisions, the file fits, and its KL to
     the original is below uniform int4's."""
     from moecompile.evaluation import evaluate
-    from moecompile.exporters.onnx import kv_cache_bytes, weight_bytes
 
     model = frontend.load(BUNDLED)
-    linear = linear_weights(model)
-    int4 = weight_bytes(model, {k: "int4" for k in linear})
-    int8 = weight_bytes(model, {k: "int8" for k in linear})
+    int4 = lower.weight_bytes(typed(model, "int4"))
+    int8 = lower.weight_bytes(typed(model, "int8"))
     budget = (int4 + int8) // 2 + kv_cache_bytes(model, 512)
     uniform, auto = tmp_path / "u" / "int4.onnx", tmp_path / "a" / "auto.onnx"
     uniform.parent.mkdir(), auto.parent.mkdir()

@@ -1,4 +1,5 @@
-"""End to end: checkpoint → moecompile → GGUF → real llama.cpp, compared with transformers."""
+"""The GGUF target end to end: checkpoint → moecompile → GGUF → real llama.cpp, compared with
+transformers; refusals; a broken export caught by verification."""
 
 import json
 import shutil
@@ -12,13 +13,15 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
-from builders import ARCHS
 from moecompile import frontend
 from moecompile.cli import main
-from moecompile.compile import compile_gguf
-from moecompile.exporters import gguf as gguf_export
+from moecompile.exporters.gguf import writer
+from moecompile.exporters.target import TypeRequest
+from moecompile.job import compile_model
 from moecompile.runtime import ReferenceExecutor
-from moecompile.verify import fixed_tokens, run_llama_cpp
+from moecompile.runtime.llama_worker import run_llama_cpp
+from moecompile.testing.models import ARCHS, hf_logits, random_ids
+from moecompile.verify import fixed_tokens
 
 
 def transformers_logits(folder, ids):
@@ -110,10 +113,11 @@ def test_qwen3_without_topk_renormalisation_is_refused(tiny_model, tmp_path, cap
 def test_wrong_export_fails_verification_and_is_kept_under_a_failed_name(
         tiny_model, tmp_path, monkeypatch):
     """Skip the llama-arch q/k permutation: llama.cpp then computes different logits."""
-    monkeypatch.setattr(gguf_export, "_permute_rows", lambda n_heads: None)
+    monkeypatch.setattr(writer, "_permute_rows", lambda n_heads: None)
     model = frontend.load(tiny_model("mixtral"))
     out = tmp_path / "bad.gguf"
-    result = compile_gguf(model, out, dtype="f32", device="cpu", progress=False)
+    result = compile_model(model, out, "gguf", TypeRequest(dtype="f32"), device="cpu",
+                           progress=False)
     assert not result.passed and result.verification.max_abs_diff > 1e-2
     assert not out.exists() and (tmp_path / "bad.FAILED.gguf").exists()
     assert json.loads((tmp_path / "bad.report.json").read_text())["verification"]["passed"] is False
@@ -158,7 +162,7 @@ def test_bpe_tokenizer_round_trip_matches_tokenizers(tiny_model, tmp_path):
 def test_sentencepiece_tokenizer_matches_sentencepiece(tiny_model, tmp_path):
     import sentencepiece
 
-    from builders import train_sentencepiece
+    from moecompile.testing.models import train_sentencepiece
 
     folder = tmp_path / "spm-model"
     shutil.copytree(tiny_model("mixtral"), folder)
@@ -174,8 +178,6 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tiny_model, tmp_path):
 
 def test_dense_layers_run_in_the_reference_but_are_refused_for_gguf(tiny_model, tmp_path, capsys):
     """Qwen's mlp_only_layers mixes dense layers in; llama.cpp's qwen3moe graph cannot."""
-    from test_runtime import hf_logits, random_ids
-
     folder = tiny_model("qwen3_moe", mlp_only_layers=[1])
     model = frontend.load(folder)
     assert type(model.blocks[1].ffn).__name__ == "Dense"

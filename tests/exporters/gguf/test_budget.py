@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 
 from moecompile import frontend
-from moecompile.budget import compute_bytes, context_bytes, kv_cache_bytes, memory, parse_size
 from moecompile.cli import main
 from moecompile.errors import UserError
-from moecompile.exporters import gguf_quant as gq
+from moecompile.exporters.gguf import offload
+from moecompile.exporters.gguf.memory import compute_bytes, context_bytes, kv_cache_bytes, memory
+from moecompile.exporters.gguf.quantizer import read_tensors
+from moecompile.exporters.gguf.target import GGUFTarget
+from moecompile.exporters.gguf.types import QUANTIZED
+from moecompile.sizes import parse_size
+from moecompile.testing.models import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "moe-tiny"
 needs_bundled = pytest.mark.skipif(not (BUNDLED / "config.json").exists(),
                                    reason="bundled model missing")
@@ -118,7 +122,7 @@ def test_predicted_memory_is_within_10_percent_of_resident(request, which, ctx):
     pages and small allocations; docs/memory_model.md): about 6.5% here for the bundled model,
     2-4% for the OLMoE-shaped one; everything else follows llama.cpp's allocations."""
     folder, gguf = request.getfixturevalue(which)
-    predicted = memory(frontend.load(folder), sum(b for *_, b in gq.read_tensors(gguf)), ctx)
+    predicted = memory(frontend.load(folder), sum(b for *_, b in read_tensors(gguf)), ctx)
     measured = _resident_growth(gguf, ctx)
     assert predicted.total_bytes == pytest.approx(measured, rel=0.10), (predicted, measured)
 
@@ -135,14 +139,14 @@ def test_quant_auto_fits_the_budget_and_reports_exact_weights(tiny_model, tmp_pa
         report = json.loads(out.with_suffix(".report.json").read_text())
         mem = report["memory"]
         assert mem["total_bytes"] <= parse_size(budget)
-        assert mem["weights_bytes"] == sum(b for *_, b in gq.read_tensors(out))
+        assert mem["weights_bytes"] == sum(b for *_, b in read_tensors(out))
         assert mem["total_bytes"] == sum(v for k, v in mem.items() if k != "total_bytes")
         fixed = context_bytes(frontend.load(folder), 128)
         assert mem["total_bytes"] - mem["weights_bytes"] == fixed
         assert out.with_suffix(".imatrix.dat").exists()
         sizes[budget] = mem["weights_bytes"]
         groups = report["quant"]["groups"]
-        assert set(groups.values()) <= set(gq.QUANTIZED)
+        assert set(groups.values()) <= set(QUANTIZED)
     assert sizes["9.5MiB"] < sizes["12.5MiB"]
 
 
@@ -156,9 +160,6 @@ def test_budget_below_any_configuration_names_the_smallest(tiny_model, tmp_path,
 
 
 def test_offload_plan_fills_the_gpu_by_bytes_read_per_byte(tiny_model):
-    from moecompile.budget import compute_bytes, kv_cache_bytes
-    from moecompile.passes import offload
-
     model = frontend.load(tiny_model("mixtral", num_hidden_layers=4))
     names = ["token_embd.weight", "output.weight", "output_norm.weight"]
     for i in range(4):
@@ -189,12 +190,12 @@ def _uniform_and_auto(tmp_path, qtype: str) -> tuple[Path, Path]:
     uniform, auto = tmp_path / f"{qtype}.gguf", tmp_path / f"auto-{qtype}.gguf"
     assert main([str(BUNDLED), "-o", str(uniform), "--quant", qtype, "--no-verify",
                  "--quiet"]) == 0
-    weights = sum(b for *_, b in gq.read_tensors(uniform))
+    weights = sum(b for *_, b in read_tensors(uniform))
     budget = weights + context_bytes(frontend.load(BUNDLED), 512)
     assert main([str(BUNDLED), "-o", str(auto), "--quant", "auto", "--budget", str(budget),
                  "--ctx", "512", "--calib", "all", "--calib-n", "8", "--no-verify",
                  "--quiet"]) == 0
-    assert sum(b for *_, b in gq.read_tensors(auto)) <= weights
+    assert sum(b for *_, b in read_tensors(auto)) <= weights
     return uniform, auto
 
 
@@ -211,10 +212,8 @@ def test_quant_auto_is_at_least_as_good_as_the_uniform_type_of_its_size(tmp_path
     -ACCURACY_MARGIN. A margin, not "auto >= uniform": at 600 prompts two models this close to
     the original differ on a handful of prompts, and which one wins changes with the prompts
     (tools/bench_quant.py measures the difference itself on 5509)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_quant import measure, paired_difference
-
     from moecompile.evaluation import open_backend
+    from moecompile.evaluation.paired import measure, paired_difference
     from moecompile.tasks import TASKS
 
     uniform, auto = _uniform_and_auto(tmp_path, qtype)
@@ -226,11 +225,13 @@ def test_quant_auto_is_at_least_as_good_as_the_uniform_type_of_its_size(tmp_path
 
 
 def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys):
-    from moecompile.passes import quantize
+    from moecompile.exporters.target import TypeRequest
+    from moecompile.passes.base import PassContext
 
     folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
     model = frontend.load(folder)
-    smallest = quantize.weight_bytes(model, quantize.uniform(model, "q2_k"))
+    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
+                                         PassContext()).weight_bytes
     budget = context_bytes(model, 128) + int(0.7 * smallest)
     argv = [str(folder), "-o", str(tmp_path / "p.gguf"), "--quant", "auto", "--budget",
             str(budget), "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
@@ -241,4 +242,5 @@ def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys
     assert main(argv + ["--allow-prune", "--search-budget", "20"]) == 0
     report = json.loads((tmp_path / "p.report.json").read_text())
     assert report["passes"][0]["pass"] == "prune_experts" and report["passes"][0]["experts"] < 8
+    assert report["passes"][1]["pass"] == "weight_types"
     assert report["memory"]["total_bytes"] <= budget

@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from moecompile.cli import main as compile_main
 from moecompile.evaluation import evaluate
+from moecompile.testing.models import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "moe-tiny"
 
 

@@ -136,21 +136,20 @@ def _interrupt(*args, **kwargs):
 
 @pytest.mark.parametrize("where", ["export", "verify"])
 def test_ctrl_c_leaves_no_debris(tiny_model, tmp_path, monkeypatch, capsys, where):
-    from moecompile import compile as compile_module
     from moecompile.cli import main
-    from moecompile.exporters import gguf as gguf_export
+    from moecompile.exporters.gguf import target, writer
 
     if where == "export":  # interrupted after the first chunk of tensor data was written
-        original = gguf_export.PlannedTensor.pieces
+        original = writer.PlannedTensor.pieces
 
         def pieces_then_interrupt(self):
             yield from original(self)
             if self.name.startswith("blk.0.ffn"):
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(gguf_export.PlannedTensor, "pieces", pieces_then_interrupt)
+        monkeypatch.setattr(writer.PlannedTensor, "pieces", pieces_then_interrupt)
     else:
-        monkeypatch.setattr(compile_module, "verify_gguf", _interrupt)
+        monkeypatch.setattr(target, "run_llama_cpp", _interrupt)
     assert main([str(tiny_model("mixtral")), "-o", str(tmp_path / "x.gguf"), "--quiet"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert outputs_in(tmp_path) == []

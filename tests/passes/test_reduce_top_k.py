@@ -2,17 +2,34 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from moecompile import frontend, ir
+from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.eep import EEPConfig
 from moecompile.cli import main
-from moecompile.compile import compile_gguf
-from moecompile.passes.calib import build_calib
-from moecompile.passes.eep import EEPConfig
-from moecompile.passes.prune import prune_experts
-from moecompile.passes.topk import reduce_top_k
-from moecompile.passes.trim import trim
+from moecompile.exporters.target import TypeRequest
+from moecompile.job import compile_model
+from moecompile.passes.base import apply
+from moecompile.passes.drop import DropBlocks, DropMoELayers
+from moecompile.passes.prune_experts import PruneExperts
+from moecompile.passes.reduce_top_k import ReduceTopK
 from moecompile.runtime import ReferenceExecutor
+from moecompile.testing.models import hf_logits
+
+F32 = TypeRequest(dtype="f32")
+
+
+def reduce_top_k(model, k, method, calib=None, config=None):
+    return apply(ReduceTopK(k, method, config), model, calib)
+
+
+def trim(model, kind, m, calib):
+    return apply((DropBlocks if kind == "blocks" else DropMoELayers)(m), model, calib)
+
+
+def compile_f32(model, out):
+    return compile_model(model, out, "gguf", F32, progress=False)
+
 
 SMALL = EEPConfig(evaluations=25, seed=3)
 
@@ -31,7 +48,7 @@ def logits(model, calib):
 def test_same_k_and_zero_drops_are_bit_exact(mixtral):
     _, model, calib = mixtral
     want = logits(model, calib)
-    same, _ = reduce_top_k(model, 2, "search", calib, config=SMALL, progress=False)
+    same, _ = reduce_top_k(model, 2, "search", calib, config=SMALL)
     assert torch.equal(logits(same, calib), want)
     for kind in ("blocks", "moe_layers"):
         kept, _ = trim(model, kind, 0, calib)
@@ -40,22 +57,19 @@ def test_same_k_and_zero_drops_are_bit_exact(mixtral):
 
 def test_plain_top_k_equals_transformers_with_k_experts(mixtral):
     folder, model, calib = mixtral
-    reduced, report = reduce_top_k(model, 1, "plain", progress=False)
+    reduced, report = reduce_top_k(model, 1, "plain")
     assert all(b.ffn.top_k == 1 for b in reduced.blocks) and report["top_k_before"] == 2
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                              num_experts_per_tok=1).eval()
-    with torch.no_grad():
-        want = hf(input_ids=calib.ids, attention_mask=calib.mask).logits
+    want = hf_logits(folder, calib.ids, calib.mask, num_experts_per_tok=1)
     keep = calib.mask.bool()
     assert torch.allclose(logits(reduced, calib)[keep], want[keep], atol=1e-4)
 
 
 def test_searched_top_k_is_not_worse_than_plain_and_runs_in_llama_cpp(mixtral, tmp_path):
     _, model, calib = mixtral
-    reduced, report = reduce_top_k(model, 1, "search", calib, config=SMALL, progress=False)
+    reduced, report = reduce_top_k(model, 1, "search", calib, config=SMALL)
     assert report["fitness"] >= report["fitness_plain"]
     assert report["evaluations"] == 25
-    result = compile_gguf(reduced, tmp_path / "k1.gguf", dtype="f32", progress=False)
+    result = compile_f32(reduced, tmp_path / "k1.gguf")
     assert result.passed and result.verification.top1_agreement == 1.0
 
 
@@ -68,9 +82,9 @@ def test_block_drop_renumbers_and_runs_in_llama_cpp(mixtral, tmp_path):
     # the dropped block is the one whose output is most similar to its input
     sims = report["similarity"]
     assert report["dropped"][0] == max(range(3), key=lambda i: sims[str(i)])
-    result = compile_gguf(dropped, tmp_path / "b1.gguf", dtype="f32", progress=False)
+    result = compile_f32(dropped, tmp_path / "b1.gguf")
     assert result.passed, result.verification.summary()
-    assert result.report["passes"][-1]["dropped"] == report["dropped"]
+    assert result.report["passes"][0]["dropped"] == report["dropped"]
 
 
 def test_moe_layer_drop_keeps_attention_and_gguf_refuses_it(mixtral, tmp_path):
@@ -83,7 +97,7 @@ def test_moe_layer_drop_keeps_attention_and_gguf_refuses_it(mixtral, tmp_path):
     assert "no ffn" in ir.format_ir(dropped)
     logits(dropped, calib)  # the reference executor runs it
     with pytest.raises(Exception, match="no FFN"):
-        compile_gguf(dropped, tmp_path / "l.gguf", dtype="f32", progress=False)
+        compile_f32(dropped, tmp_path / "l.gguf")
     assert not list(tmp_path.iterdir())
 
 
@@ -91,8 +105,8 @@ def test_moe_layer_drop_keeps_attention_and_gguf_refuses_it(mixtral, tmp_path):
 def test_passes_compose_in_either_order(mixtral, tmp_path, order):
     _, model, calib = mixtral
     steps = {
-        "prune": lambda m: prune_experts(m, 4, "eep", calib, config=SMALL, progress=False)[0],
-        "topk": lambda m: reduce_top_k(m, 1, "search", calib, config=SMALL, progress=False)[0],
+        "prune": lambda m: apply(PruneExperts(4, "eep", SMALL), m, calib)[0],
+        "topk": lambda m: reduce_top_k(m, 1, "search", calib, config=SMALL)[0],
         "drop": lambda m: trim(m, "blocks", 1, calib)[0],
     }
     for name in order.split("-"):
@@ -101,7 +115,7 @@ def test_passes_compose_in_either_order(mixtral, tmp_path, order):
     assert all(b.ffn.n_experts == 4 and b.ffn.top_k == 1 for b in model.blocks)
     assert [h["pass"] for h in model.history] == [
         {"prune": "prune_experts", "topk": "top_k", "drop": "drop_blocks"}[n] for n in order.split("-")]
-    result = compile_gguf(model, tmp_path / "c.gguf", dtype="f32", progress=False)
+    result = compile_f32(model, tmp_path / "c.gguf")
     assert result.passed
 
 

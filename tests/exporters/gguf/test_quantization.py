@@ -1,19 +1,20 @@
 """llama.cpp quantization through llama_model_quantize: exact sizes, per-tensor maps, imatrix."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moecompile import frontend
+from moecompile.analysis.calibration import build_calib
 from moecompile.cli import main
-from moecompile.compile import compile_gguf
-from moecompile.exporters import gguf_quant as gq
-from moecompile.passes import imatrix, quantize
-from moecompile.passes.calib import build_calib
-
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "moe-tiny"
+from moecompile.exporters.gguf import imatrix_dat
+from moecompile.exporters.gguf.quantizer import read_tensors
+from moecompile.exporters.gguf.target import GGUFTarget
+from moecompile.exporters.gguf.types import ggml, stored_type
+from moecompile.exporters.target import TypeRequest
+from moecompile.job import compile_model
+from moecompile.passes.base import PassContext
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +28,16 @@ def models(tiny_model):
 @pytest.mark.parametrize("which", ["h64", "h256"])
 def test_predicted_weight_bytes_equal_the_file(models, tmp_path, qtype, which):
     model = models[which]
-    types = quantize.uniform(model, qtype)
-    result = compile_gguf(model, tmp_path / "q.gguf", quant=types, verify=False, progress=False)
-    written = {name: (t, b) for name, _, t, b in gq.read_tensors(result.output)}
-    assert result.report["tensor_bytes"] == quantize.weight_bytes(model, types)
-    for s in quantize.slots(model):
-        want = gq.effective_type(types[s.name], s.shape) if s.name in types else gq.Q.F32
-        assert written[s.name][0] == want, s.name
+    target = GGUFTarget()
+    result = compile_model(model, tmp_path / "q.gguf", "gguf", TypeRequest(quant=qtype),
+                           verify=False, progress=False)
+    written = {name: (t, b) for name, _, t, b in read_tensors(result.output)}
+    assert result.report["tensor_bytes"] == target.weight_bytes(result.plan.model)
+    for t in target.planned(model):
+        want = ggml(stored_type(t.name, t.shape, qtype))  # F32 where llama.cpp never quantizes
+        assert written[t.name][0] == want, t.name
     if which == "h256":  # no fallback: the asked type itself
-        assert written["blk.0.ffn_down_exps.weight"][0] == gq.parse_type(qtype)
+        assert written["blk.0.ffn_down_exps.weight"][0] == ggml(qtype)
 
 
 def test_quant_map_applies_the_first_matching_rule(models, tmp_path):
@@ -44,7 +46,7 @@ def test_quant_map_applies_the_first_matching_rule(models, tmp_path):
     out = tmp_path / "m.gguf"
     assert main([models["h256"].source, "-o", str(out), "--quant-map", str(mapping),
                  "--no-verify", "--quiet"]) == 0
-    types = {name: t.name for name, _, t, _ in gq.read_tensors(out)}
+    types = {name: t.name for name, _, t, _ in read_tensors(out)}
     assert types["blk.1.ffn_down_exps.weight"] == "Q6_K"
     assert types["blk.1.ffn_up_exps.weight"] == "Q4_K"
     assert types["blk.1.attn_q.weight"] == "Q8_0" and types["blk.1.ffn_gate_inp.weight"] == "F32"
@@ -69,18 +71,21 @@ def test_bad_quant_maps_exit_2(models, tmp_path, capsys, content, message):
 def test_imatrix_shapes_file_and_effect(models, tmp_path):
     model = models["h256"]
     calib = build_calib(model, "add,rev", 4)
-    imat, calls = imatrix.collect(model, calib)
-    for s in quantize.slots(model):
-        if s.quantizable:
-            # one value per input column, per expert for stacked expert tensors
-            assert imat[s.name].shape == (s.shape[-1] * (len(s.parts) if len(s.shape) == 3 else 1),)
-            assert (imat[s.name] > 0).all()
-    imatrix.write_dat(tmp_path / "m.dat", imat, calls)
-    back = imatrix.read_dat(tmp_path / "m.dat")
+    target = GGUFTarget()
+    imat, calls = target.importance(model, PassContext(calib=calib))
+    assert calls == calib.n_examples
+    for t in target.quantizable(model):
+        # one value per input column, per expert for stacked expert tensors
+        assert imat[t.name].shape == (t.shape[-1] * (len(t.parts) if len(t.shape) == 3 else 1),)
+        assert (imat[t.name] > 0).all()
+    imatrix_dat.write_dat(tmp_path / "m.dat", imat, calls)
+    back = imatrix_dat.read_dat(tmp_path / "m.dat")
     assert all(np.allclose(back[k], v, rtol=1e-6) for k, v in imat.items())
-    types = quantize.uniform(model, "q2_k")
-    plain = compile_gguf(model, tmp_path / "a.gguf", quant=types, verify=False, progress=False)
-    weighted = compile_gguf(model, tmp_path / "b.gguf", quant=types, imatrix=imat, verify=False,
-                            progress=False)
+    request = TypeRequest(quant="q2_k")
+    plain = compile_model(model, tmp_path / "a.gguf", "gguf", request, verify=False,
+                          progress=False)
+    weighted = compile_model(model, tmp_path / "b.gguf", "gguf", request,
+                             PassContext(calib=calib), verify=False, progress=False)
+    assert (tmp_path / "b.imatrix.dat").exists() and not (tmp_path / "a.imatrix.dat").exists()
     assert plain.report["tensor_bytes"] == weighted.report["tensor_bytes"]
     assert plain.output.read_bytes() != weighted.output.read_bytes()
