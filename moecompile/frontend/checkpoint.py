@@ -81,6 +81,18 @@ def _read_header(file: Path) -> dict:
     return header
 
 
+def _check_shard_name(index: Path, name) -> None:
+    """A shard must be a plain file name inside the model folder: an index naming an absolute
+    path or a `..` component would make moecompile read (and compile) a file from elsewhere.
+    The file itself may be a symlink — the Hugging Face cache lays every snapshot out as links
+    into its blob store — so links are followed; only the name is judged."""
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if (not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name
+            or len(parts) != 1 or parts[0] in (".", "..")):
+        raise UserError(f"{index}: shard name {name!r} is not a file name inside the model "
+                        "folder (absolute paths and '..' are refused)")
+
+
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -88,7 +100,10 @@ def _shard_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
             raise UserError(f"{index}: malformed index ({exc})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            _check_shard_name(index, name)
+        files = [path / name for name in names]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise UserError(f"{index}: shard file(s) missing: {', '.join(missing)}")

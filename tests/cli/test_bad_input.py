@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,80 @@ def test_output_folder_is_created_and_named_after_the_model(tiny_model, tmp_path
     assert main([str(folder), "-o", f"{tmp_path / 'out'}/", "--quiet", "--dtype", "q8_0"]) == 0
     assert outputs_in(tmp_path / "out") == [f"{folder.name}-q8_0.gguf",
                                             f"{folder.name}-q8_0.report.json"]
+
+
+# ----------------------------------------------------------------------- hostile checkpoints
+
+
+def test_header_size_bomb_is_refused(tiny_model, tmp_path, out_dir):
+    import struct
+
+    folder = copy_model(tiny_model("mixtral"), tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = struct.pack("<Q", 2**62)  # a header "larger" than any file
+    weights.write_bytes(bytes(data))
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), "corrupt safetensors header")
+    assert outputs_in(out_dir) == []
+
+
+def test_tensor_offsets_past_the_end_are_refused(tiny_model, tmp_path, out_dir):
+    import struct
+
+    folder = copy_model(tiny_model("mixtral"), tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"] = [0, 10**12]
+    raw = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), "truncated safetensors file")
+    assert outputs_in(out_dir) == []
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("hidden_size", 10**12, "invalid IR"),
+    ("num_hidden_layers", 10**9, "missing"),
+    ("num_local_experts", 10**9, "missing"),
+])
+def test_absurd_config_is_refused(tiny_model, tmp_path, out_dir, field, value, words):
+    folder = copy_model(tiny_model("mixtral"), tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), words)
+    assert outputs_in(out_dir) == []
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                  "sub/../../outside.safetensors"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(tiny_model, tmp_path, out_dir, name):
+    source = tiny_model("qwen2_moe", dtype=torch.bfloat16, max_shard_size="200KB")
+    folder = copy_model(source, tmp_path / "m")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.copy(folder / first, tmp_path / "outside.safetensors")  # a real file out there
+    index["weight_map"] = {k: (name if v == first else v) for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    assert_refused(run_cli(folder, "-o", out_dir / "x.gguf"), repr(name), "inside the model folder")
+    assert outputs_in(out_dir) == []
+
+
+def test_hugging_face_cache_layout_of_symlinks_compiles(tiny_model, tmp_path, out_dir):
+    """The hub cache keeps files in blobs/ and each snapshot as links to them: links are
+    followed, only shard names are judged."""
+    source = tiny_model("qwen2_moe", dtype=torch.bfloat16, max_shard_size="200KB")
+    blobs = tmp_path / "models--org--tiny" / "blobs"
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(source.iterdir())):
+        blob = blobs / f"{i:040x}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
+    proc = run_cli(snapshot, "-o", out_dir / "x.gguf", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert outputs_in(out_dir) == ["x.gguf", "x.report.json"]
