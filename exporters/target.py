@@ -38,6 +38,12 @@ class TypeRequest:
     ctx: int | None = None  # --ctx the memory is planned for
     workdir: Path | None = None  # where large scratch files go (the output's folder)
 
+    @property
+    def fits_budget(self) -> bool:
+        """--budget alone: the most faithful types that fit it, chosen by the target."""
+        return (self.budget is not None and self.quant is None and self.quant_map is None
+                and self.dtype == "auto")
+
 
 @dataclass
 class TypePlan:
@@ -119,6 +125,18 @@ def types_entry(target: str, method: str, label: str, model: ir.Model) -> dict:
         counts[kind] = counts.get(kind, 0) + 1
     return {"pass": "weight_types", "target": target, "method": method, "label": label,
             "tensors_by_type": dict(sorted(counts.items()))}
+
+
+def type_table(unit_types: dict[str, str], kind_of) -> list[str]:
+    """A short table of a choice: per kind of unit (`kind_of(unit)`), how many took each type,
+    e.g. '  ffn_down_exps: q6_k x10, q4_k x6'."""
+    kinds: dict[str, dict[str, int]] = {}
+    for unit, kind in unit_types.items():
+        row = kinds.setdefault(kind_of(unit), {})
+        row[kind] = row.get(kind, 0) + 1
+    return [f"  {k}: " + ", ".join(f"{t} x{n}" for t, n in sorted(row.items(), key=lambda kv:
+                                                                     (-kv[1], kv[0])))
+            for k, row in kinds.items()]
 
 
 def temp_path(out: Path) -> Path:

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", metavar="TYPE|auto",
                    help="weight types through llama.cpp's quantizer: one type for every weight "
                         "(q8_0, q6_k, q5_k, q4_k, q4_0, iq4_xs, q3_k, q2_k, f16, bf16) or auto "
-                        "(chosen per tensor by measured sensitivity; needs --calib and --budget). "
+                        "(chosen per tensor by measured sensitivity; needs --budget). "
                         "--target onnx: int8 or int4 (blocks of 32)")
     p.add_argument("--quant-map", metavar="FILE.json",
                    help='per-tensor types: {"GGUF tensor-name regex": "type", ...}, first match '
@@ -47,17 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="SIZE",
                    help="total runtime memory to fit (llama.cpp: weights + KV cache for --ctx + "
                         "compute and work buffers + runtime; onnx: weights + KV cache), e.g. "
-                        "24GB, 8GiB, 512MB or bytes")
+                        "24GB, 8GiB, 512MB or bytes. Alone it writes the most faithful file "
+                        "that fits: lossless if it fits, else types chosen by measured "
+                        "sensitivity (as --quant auto); with a type flag it checks the fit")
     p.add_argument("--allow-prune", action="store_true",
-                   help="with --quant auto: when even the smallest types exceed --budget, prune "
-                        "experts (--prune-method, on --calib) until they fit")
+                   help="with --budget: when even the smallest types exceed it, prune experts "
+                        "(--prune-method, on the calibration data) until they fit")
     p.add_argument("--ctx", type=int, default=None, help="context length the memory is planned "
                    "for (default 4096, or the model's context if shorter)")
     p.add_argument("--gpu-mem", metavar="SIZE",
                    help="plan GPU/RAM placement for a GPU of this size (prints a llama-server "
                         "command line); with --ram")
     p.add_argument("--ram", metavar="SIZE", help="system RAM available to the offload plan")
-    p.add_argument("--print-ir", action="store_true", help="print the IR and exit unless -o given")
+    p.add_argument("--print-ir", action="store_true",
+                   help="print the IR after the passes and the type choice (and stop there "
+                        "unless -o is given)")
+    p.add_argument("--plan", "--dry-run", action="store_true", dest="plan",
+                   help="print the chosen configuration, its predicted bytes and memory and the "
+                        "launch line, and write nothing")
     prune = p.add_argument_group("expert pruning")
     prune.add_argument("--experts", type=int, metavar="N",
                        help="keep N experts in every MoE layer (needs --calib)")
@@ -67,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "or a baseline")
     prune.add_argument("--calib", metavar="TASKS|FILE",
                        help="calibration data: suite task names (add,sort or all), a .jsonl of "
-                            "prompt/answer pairs (fitness: exact match) or a .txt (fitness: "
-                            "agreement with the original model)")
+                            "prompt/answer pairs (fitness: exact match), a .txt (fitness: "
+                            "agreement with the original model) or 'default'. Without it, "
+                            "flags that need data use the model folder's moecompile.json "
+                            "default, else the built-in mix of prose, code and numbers")
     prune.add_argument("--calib-n", type=int, default=32, metavar="N",
                        help="examples per task, lines of a .jsonl or chunks of a .txt (32)")
     prune.add_argument("--search-budget", metavar="EVALS|TIME",

@@ -11,6 +11,7 @@ progress narrative.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Callable
 from . import __version__, frontend, ir
 from .analysis.calibration import CalibSet, build_calib
 from .analysis.eep import EEPConfig
+from .errors import UserError
+from .tasks.calibration import DEFAULT
 from .exporters import target_for
 from .exporters.target import BudgetUnreachable, Committed, TypePlan, TypeRequest, write_json_atomic
 from .options import Options, output_file
@@ -75,8 +78,8 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
     model = frontend.load(options.model)
     router_mode = "exact" if target.holds_router_map else "onehot"
     ctx = PassContext(device=options.device or default_device(), seed=options.seed,
-                      progress=not options.quiet,
-                      calibrate=_calibrator(options, say) if options.calib else None)
+                      progress=not options.quiet, calibrate=_calibrator(options, say),
+                      explicit=options.calib is not None)
     model = _run_passes(model, passes_for(options, router_mode), ctx, say)
     request = TypeRequest(dtype=options.dtype, quant=options.quant,
                           quant_map=Path(options.quant_map) if options.quant_map else None,
@@ -87,10 +90,24 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
         say(line)
     if options.print_ir:
         say(ir.format_ir(plan.model))
-        if not options.output:
-            return JobResult(0)
+    name = f"{Path(plan.model.source).name}-{plan.label}{target.suffix}"
+    if options.plan or not options.output:
+        out = output_file(options.output, plan.model.source, plan.label, target.suffix,
+                          create=False) if options.output else Path(name)
+        launch_lines, _ = target.launch_plan(plan, out.name, options)
+        if options.plan:
+            say(f"plan: {out} ({plan.label}, {len(plan.model.types)} tensors typed, "
+                f"{plan.weight_bytes / 2**20:.1f} MiB of weights); nothing written (--plan)")
+            for line in launch_lines:
+                say(line)
+        return JobResult(0, plan)
     out = output_file(options.output, plan.model.source, plan.label, target.suffix)
     launch_lines, launch_report = target.launch_plan(plan, out.name, options)
+    if ctx.calib is not None:
+        launch_report = {"calibration": {"spec": ctx.calib.spec, "kind": ctx.calib.kind,
+                                         "examples": ctx.calib.n_examples,
+                                         "tokens": ctx.calib.n_tokens,
+                                         "given": options.calib is not None}, **launch_report}
     result = commit(target, plan, out, verify=not options.no_verify, device=options.device,
                     progress=not options.quiet, extra_report=launch_report, say=say)
     for line in launch_lines:
@@ -128,11 +145,30 @@ def commit(target, plan: TypePlan, out: Path, verify: bool = True, device: str |
     return JobResult(0 if committed.passed else 1, plan, committed, report)
 
 
+def default_calibration(model_folder: str) -> tuple[str, str]:
+    """(--calib spec, where it comes from) when the user gives none: the model folder's own
+    default (`moecompile.json`: {"calibration": SPEC}, for a model trained on particular data,
+    like the bundled one), else the built-in mix of prose, code and numbers."""
+    sidecar = Path(model_folder) / "moecompile.json"
+    if sidecar.is_file():
+        try:
+            spec = json.loads(sidecar.read_text())["calibration"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{sidecar}: expected {{\"calibration\": SPEC}} ({exc})") from None
+        if spec.endswith((".txt", ".jsonl")):
+            spec = str(Path(model_folder) / spec)
+        return spec, f"the default named by {sidecar.name} in the model folder"
+    return DEFAULT, "the built-in mix of prose, code and numbers"
+
+
 def _calibrator(options: Options, say: Callable[[str], None]) -> Callable[[ir.Model], CalibSet]:
     def build(model: ir.Model) -> CalibSet:
-        calib = build_calib(model, options.calib, options.calib_n)
-        say(f"calibration: {calib.spec} ({calib.n_examples} examples, {calib.n_tokens} tokens; "
-            f"fitness: {'exact-match accuracy' if calib.kind == 'tasks' else '-KL to the original'})")
+        spec, origin = (options.calib, None) if options.calib else default_calibration(options.model)
+        calib = build_calib(model, spec, options.calib_n)
+        line = (f"calibration: {calib.spec} ({calib.n_examples} examples, {calib.n_tokens} "
+                f"tokens; fitness: "
+                f"{'exact-match accuracy' if calib.kind == 'tasks' else '-KL to the original'})")
+        say(line if origin is None else f"{line} — {origin}; --calib DATA to use your own")
         return calib
     return build
 

@@ -31,6 +31,7 @@ class Options:
     gpu_mem: str | None = None
     ram: str | None = None
     print_ir: bool = False
+    plan: bool = False
     experts: int | None = None
     prune_method: str = "eep"
     calib: str | None = None
@@ -67,14 +68,20 @@ class Options:
         seconds)."""
         return parse_search_budget(self.search_budget)
 
+    @property
+    def calibrated(self) -> bool:
+        """Does some flag run the model on calibration data?"""
+        return bool(self.searched or self.drop_blocks or self.drop_moe_layers
+                    or self.quant == "auto" or (self.budget and not self.quant
+                                                 and not self.quant_map))
+
     def validate(self) -> "Options":
         """Refuse inconsistent flags; returns self."""
-        calibrated = self.searched or self.drop_blocks or self.drop_moe_layers
         quantized = bool(self.quant or self.quant_map)
-        if not calibrated and not quantized and (self.calib or self.search_budget):
+        if not self.calibrated and not quantized and (self.calib or self.search_budget):
             raise UserError("--calib/--search-budget only apply with --experts, --top-k, "
-                            "--drop-blocks, --drop-moe-layers or --quant/--quant-map (importance "
-                            "matrix)")
+                            "--drop-blocks, --drop-moe-layers, --budget or --quant/--quant-map "
+                            "(importance matrix)")
         if self.search_budget and not self.searched:
             raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
                             "with search")
@@ -84,8 +91,10 @@ class Options:
                 parse_size(value, flag)  # malformed sizes fail before any model is read
         if self.ram and not self.gpu_mem:
             raise UserError("--ram only applies with --gpu-mem")
-        if self.allow_prune and (self.quant != "auto" or self.experts is not None):
-            raise UserError("--allow-prune applies to --quant auto without --experts")
+        if self.allow_prune and (not self.budget or self.quant not in (None, "auto")
+                                 or self.quant_map or self.experts is not None):
+            raise UserError("--allow-prune applies to --budget (with --quant auto or no --quant) "
+                            "without --experts")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k {self.top_k}: must be at least 1")
         if self.top_k is not None and self.experts is not None and self.top_k > self.experts:
@@ -93,19 +102,14 @@ class Options:
                             "--experts")
         if self.drop_blocks < 0 or self.drop_moe_layers < 0:
             raise UserError("--drop-blocks/--drop-moe-layers must not be negative")
-        if calibrated and not self.calib:
-            what = ("--experts" if self.experts is not None else "--top-k (search)"
-                    if self.searched else "--drop-blocks/--drop-moe-layers")
-            raise UserError(f"{what} needs calibration data: --calib TASKS (e.g. add,sort or "
-                            "all), --calib FILE.jsonl or --calib FILE.txt")
         if self.calib_n < 1:
             raise UserError(f"--calib-n {self.calib_n}: must be at least 1")
         if self.quant and self.quant_map:
             raise UserError("give --quant or --quant-map, not both")
         self.search_length  # a malformed --search-budget fails here
-        if self.output is None and not self.print_ir:
-            raise UserError(f"no output given: use -o OUT.{self.target} (or --print-ir to "
-                            "inspect the model)")
+        if self.output is None and not self.print_ir and not self.plan:
+            raise UserError(f"no output given: use -o OUT.{self.target} (or --plan / --print-ir "
+                            "to see what would be written)")
         if self.output is not None:
             out, folder = output_place(self.output)
             if not folder and out.suffix != f".{self.target}":
@@ -146,12 +150,12 @@ def output_place(output: str) -> tuple[Path, bool]:
     return out, folder
 
 
-def output_file(output: str, source: str, label: str, suffix: str) -> Path:
+def output_file(output: str, source: str, label: str, suffix: str, create: bool = True) -> Path:
     """OUT as given, or DIR/<model>-<label><suffix> for a folder (created, one level, like
-    cp); the same rule on every target."""
+    cp, unless `create` is false); the same rule on every target."""
     out, folder = output_place(output)
     if folder:
-        if not out.exists():
+        if create and not out.exists():
             out.mkdir()
         out = out / f"{Path(source).name}-{label}{suffix}"
     if out.suffix != suffix:

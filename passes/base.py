@@ -35,10 +35,13 @@ class PassContext:
     # the calibration set, or how to build it for a model (called at most once)
     calib: CalibSet | None = None
     calibrate: Callable[[ir.Model], CalibSet] | None = field(default=None, repr=False)
+    # the user gave it (--calib): optional uses (an importance matrix for fixed types) take it
+    explicit: bool = True
 
     @property
     def has_calibration(self) -> bool:
-        return self.calib is not None or self.calibrate is not None
+        """Is there calibration data for optional uses, i.e. did the user give some?"""
+        return self.explicit and (self.calib is not None or self.calibrate is not None)
 
     def calibration(self, model: ir.Model, needed_by: str) -> CalibSet:
         """The job's calibration set, built on first use. Its tokens depend only on the

@@ -67,8 +67,8 @@ class ReduceTopK(Pass):
             return PassResult(model, False, report)  # nothing to reduce
         if k > before:
             report["above_model_top_k"] = True
-        if method == "plain" and ctx.calib is None and ctx.calibrate is None:
-            return PassResult(plain, True, report)
+        if method == "plain" and not ctx.has_calibration:
+            return PassResult(plain, True, report)  # nothing asked to measure it
         calib = ctx.calibration(model, "--topk-method search")
         report["calib"] = calib.spec
         reference = FitnessEvaluator(model, calib, ctx.device)

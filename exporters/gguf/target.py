@@ -27,17 +27,8 @@ from moecompile.sizes import format_size, parse_size
 from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
 from ..quant_map import match_rules, read_rules
-from ..target import (
-    BudgetUnreachable,
-    Committed,
-    Target,
-    TypePlan,
-    TypeRequest,
-    failed_name,
-    resolve_ctx,
-    temp_path,
-    types_entry,
-)
+from ..target import (BudgetUnreachable, Committed, Target, TypePlan, TypeRequest, failed_name,
+                      resolve_ctx, temp_path, type_table, types_entry)
 from . import arch as gguf_arch
 from . import imatrix_dat, memory, offload, writer
 from .numerics import FileNumerics, StoredNumerics
@@ -116,47 +107,66 @@ class GGUFTarget(Target):
         return sum(t.nbytes for t in writer.plan(model, self.check(model)))
 
     def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+        """The types `request` asks for. `--budget` alone asks for the most faithful file that
+        fits: the lossless types if they fit, else types chosen by measured sensitivity."""
         self.check(model)
         n_ctx = resolve_ctx(model, request.ctx)
-        report: dict = {"ctx": n_ctx}
         lines: list[str] = []
-        importance = None
-        if request.quant == "auto":
-            if request.budget is None or not ctx.has_calibration:
-                raise UserError("--quant auto needs --budget SIZE and --calib (the data its "
-                                "sensitivity is measured on)")
-            by_tensor, importance, report["quant"], line = self._auto(model, request, n_ctx,
-                                                                      ctx)
-            lines.append(line)
-        elif request.quant_map:
+        if request.fits_budget:
+            lossless = self._typed_plan(model, request, n_ctx, ctx, "dtype", None, check=False)
+            total = lossless.report["memory"]["total_bytes"]
+            if total <= request.budget:
+                lossless.lines.insert(0, f"--budget {request.budget_text}: the lossless "
+                                         f"{lossless.label} file fits")
+                return lossless
+            lines.append(f"--budget {request.budget_text}: the lossless {lossless.label} file "
+                         f"needs {format_size(total)}; choosing types by measured sensitivity")
+        if request.quant == "auto" or request.fits_budget:
+            if request.budget is None:
+                raise UserError("--quant auto needs --budget SIZE (the memory it fits)")
+            by_tensor, importance, quant, auto_lines = self._auto(model, request, n_ctx, ctx)
+            plan = self._typed_plan(model, request, n_ctx, ctx, "auto", by_tensor, importance)
+            plan.report["quant"] = quant
+            plan.lines[:0] = lines + auto_lines
+            return plan
+        if request.quant_map:
             rules = read_rules(request.quant_map, parse_type)
             names = [t.name for t in self.quantizable(model)]
             by_tensor = match_rules(request.quant_map, rules, names)
-        elif request.quant:
+            return self._typed_plan(model, request, n_ctx, ctx, "map", by_tensor)
+        if request.quant:
             kind = parse_type(request.quant)
-            by_tensor = {t.name: kind for t in self.quantizable(model)}
-        else:
-            by_tensor = None
+            return self._typed_plan(model, request, n_ctx, ctx, "uniform",
+                                    {t.name: kind for t in self.quantizable(model)})
+        return self._typed_plan(model, request, n_ctx, ctx, "dtype", None)
+
+    def _typed_plan(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx, method: str,
+                    by_tensor: dict[str, str] | None, importance=None,
+                    check: bool = True) -> TypePlan:
+        """The plan for GGUF tensor types `by_tensor` (None: --dtype's), checked against the
+        budget; with llama.cpp's quantizer, an importance matrix when calibration is at hand."""
         if by_tensor is None:
             dtype = request.dtype if request.dtype != "auto" else lossless_dtype(model)
             if dtype not in DTYPES:
                 raise UserError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
             typed = self.typed(model, {t.name: dtype for t in self.planned(model)})
-            label, quantizer, method = dtype, False, "dtype"
+            label = dtype
         else:
             typed = self.typed(model, by_tensor)
-            quantizer = True
-            method = "auto" if request.quant == "auto" else "map" if request.quant_map else "uniform"
             label = request.quant if method == "uniform" else "mixed"
+        quantizer = by_tensor is not None
         weights = self.weight_bytes(typed)
         mem = memory.memory(typed, weights, n_ctx)
-        report["memory"] = mem.to_dict()
+        report: dict = {"ctx": n_ctx, "memory": mem.to_dict()}
+        lines = []
         if request.budget is not None:
             report["budget_bytes"] = request.budget
-            if mem.total_bytes > request.budget:
+            lines.append(f"memory: {mem.describe(n_ctx)} = {format_size(mem.total_bytes)} of "
+                         f"--budget {format_size(request.budget)}")
+            if mem.total_bytes > request.budget and method != "auto" and check:
                 raise UserError(f"--budget {request.budget_text}: this configuration needs "
-                                f"{format_size(mem.total_bytes)} ({mem.describe(n_ctx)}); try "
-                                "--quant auto")
+                                f"{format_size(mem.total_bytes)} ({mem.describe(n_ctx)}); "
+                                "leave out the type flags to let --budget choose")
         if quantizer and importance is None and ctx.has_calibration:
             importance = self.importance(model, ctx)
         typed = typed.with_history(types_entry(self.name, method, label, typed))
@@ -172,34 +182,35 @@ class GGUFTarget(Target):
         return imatrix_dat.by_tensor(quantizable, found), found.sequences
 
     def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):
-        """--quant auto: measured sensitivity, then the lowest predicted loss that fits."""
+        """--quant auto: measured sensitivity, then the lowest predicted loss that fits. A
+        budget no types reach is refused before anything is measured."""
         fixed = memory.context_bytes(model, n_ctx)
-        calib = ctx.calibration(model, "--quant auto")
-        importance = self.importance(model, ctx)
-        sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
-                                ctx.progress)
         groups = self.groups(model)
         unquantized = sum(t.nbytes for t in self.planned(model) if keeps_f32(t.name, t.shape))
-        try:
-            group_types, total, predicted = allocate.choose(
-                sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
-                request.budget - fixed)
-        except allocate.BudgetError as exc:
-            experts = self._experts_that_fit(model, groups, sens, unquantized,
-                                             request.budget - fixed)
+        smallest = {g: min(self.group_bytes(ts, n) for n in CANDIDATES) for g, ts in groups.items()}
+        lowest = unquantized + sum(smallest.values())
+        if lowest + fixed > request.budget:
+            experts = self._experts_that_fit(model, smallest, unquantized, request.budget - fixed)
             hint = ("; even one expert per layer would not fit" if experts is None else
                     f"; pruning to --experts {experts} would fit (or add --allow-prune)")
             raise BudgetUnreachable(
                 f"--budget {request.budget_text} is below the smallest reachable size "
-                f"{format_size(exc.smallest_weights + fixed)} (weights at the smallest types "
-                f"{format_size(exc.smallest_weights)} + KV cache, buffers and runtime for --ctx "
-                f"{n_ctx} {format_size(fixed)}){hint}", experts) from None
+                f"{format_size(lowest + fixed)} (weights at the smallest types "
+                f"{format_size(lowest)} + KV cache, buffers and runtime for --ctx "
+                f"{n_ctx} {format_size(fixed)}){hint}", experts)
+        calib = ctx.calibration(model, "--quant auto")
+        importance = self.importance(model, ctx)
+        sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
+                                ctx.progress)
+        group_types, total, predicted = allocate.choose(
+            sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
+            request.budget - fixed)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
-        line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
-                f"predicted KL {predicted:.4f}")
+        lines = [f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
+                 f"predicted KL {predicted:.4f}"] + type_table(group_types, _group_kind)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens}
-        return by_tensor, importance, quant, line
+        return by_tensor, importance, quant, lines
 
     def sensitivity(self, model: ir.Model, calib, importance, device: str,
                     workdir: Path | None, progress: bool) -> dict[str, dict[str, float]]:
@@ -227,11 +238,10 @@ class GGUFTarget(Target):
             return sensitivity.measure(model, calib, units, list(CANDIDATES), rounded, device,
                                        progress)
 
-    def _experts_that_fit(self, model, groups, sens, unquantized: int,
+    def _experts_that_fit(self, model, smallest: dict[str, int], unquantized: int,
                           weight_budget: int) -> int | None:
-        """The most experts per layer with which the smallest types fit (expert tensors shrink
-        in proportion; everything else stays)."""
-        smallest = {g: min(self.group_bytes(ts, n) for n in sens[g]) for g, ts in groups.items()}
+        """The most experts per layer with which the smallest types (`smallest`: group ->
+        bytes) fit: expert tensors shrink in proportion, everything else stays."""
         experts = sum(v for g, v in smallest.items() if g.endswith("_exps"))
         rest = sum(v for g, v in smallest.items() if not g.endswith("_exps")) + unquantized
         n_experts = max(b.ffn.n_experts for b in model.blocks if hasattr(b.ffn, "n_experts"))
@@ -314,7 +324,8 @@ class GGUFTarget(Target):
         """--gpu-mem: the placement plan for the file as a llama-server command line (the
         planned tensor bytes are the file's, exactly)."""
         if not options.gpu_mem:
-            return [], {}
+            return ([f"  llama-server -m {file_name} -c {plan.report['ctx']}"]
+                    if options.plan else []), {}
         tensors = [(t.name, t.nbytes) for t in writer.plan(plan.model, self.check(plan.model))]
         ram = parse_size(options.ram, "--ram") if options.ram else 1 << 62
         p = offload.plan(plan.model, tensors, file_name, plan.report["ctx"],
@@ -327,6 +338,11 @@ class GGUFTarget(Target):
                  f"{p.python_args['n_gpu_layers']}, n_ctx={p.python_args['n_ctx']}): "
                  f"{p.python_note}"]
         return lines, {"offload": p.to_dict()}
+
+
+def _group_kind(group: str) -> str:
+    """blk.3.ffn_down_exps -> ffn_down_exps; blk.3.attn -> attn; output -> output."""
+    return group.split(".", 2)[-1] if group.startswith("blk.") else group
 
 
 def lossless_dtype(model: ir.Model) -> str:

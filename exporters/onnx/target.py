@@ -30,16 +30,8 @@ from moecompile.sizes import format_size
 from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
 from ..quant_map import match_rules, read_rules
-from ..target import (
-    Committed,
-    Target,
-    TypePlan,
-    TypeRequest,
-    failed_name,
-    resolve_ctx,
-    temp_path,
-    types_entry,
-)
+from ..target import (Committed, Target, TypePlan, TypeRequest, failed_name, resolve_ctx,
+                      temp_path, type_table, types_entry)
 from . import lower, package
 from . import quant as oq
 from .numerics import OnnxNumerics
@@ -72,6 +64,12 @@ def unit_of(path: str) -> str:
     return m.group(1) if m else path
 
 
+def _unit_kind(unit: str) -> str:
+    """blocks.3.ffn.experts.5 -> experts; blocks.3.attn -> attn; lm_head -> lm_head."""
+    parts = unit.split(".")
+    return "experts" if "experts" in parts else parts[-1] if unit.startswith("blocks.") else unit
+
+
 def _parse_type(name: str) -> str:
     if name not in (*TYPES, "f32"):
         raise UserError(f"--quant-map: type {name!r}: --target onnx takes int8, int4 or f32")
@@ -102,10 +100,8 @@ class ONNXTarget(Target):
         if options.quant is not None and options.quant not in (*TYPES, "auto"):
             raise UserError(f"--quant {options.quant}: --target onnx takes {', '.join(TYPES)} or "
                             "auto (blocked weights for ONNX Runtime)")
-        if (options.quant == "auto") != bool(options.budget) or (options.quant == "auto"
-                                                                 and not options.calib):
-            raise UserError("--target onnx: --quant auto needs --budget SIZE and --calib (the "
-                            "data its sensitivity is measured on), and --budget needs --quant auto")
+        if options.quant == "auto" and not options.budget:
+            raise UserError("--target onnx: --quant auto needs --budget SIZE (the memory it fits)")
         if options.dtype not in ("auto", "f32"):
             raise UserError(f"--dtype {options.dtype}: --target onnx writes float32 weights (or "
                             "int8/int4 with --quant)")
@@ -115,35 +111,82 @@ class ONNXTarget(Target):
 
     # ------------------------------------------------------------------ types
     def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+        """The types `request` asks for. `--budget` alone asks for the most faithful file that
+        fits: float32 if it fits, else types chosen per expert by measured sensitivity."""
         self.check(model)
         weights = linear_weights(model)
-        report: dict = {}
         lines: list[str] = []
-        if request.quant == "auto":
-            chosen, report, line = self._auto(model, request, weights, ctx)
-            lines.append(line)
-            method, label = "auto", "mixed"
-        elif request.quant:
-            chosen, method, label = {p: request.quant for p in weights}, "uniform", request.quant
-        elif request.quant_map:
+        if request.fits_budget:
+            lossless = self._typed_plan(model, request, {}, "dtype", "f32", check=False)
+            total = lossless.report["memory"]["total_bytes"]
+            if total <= request.budget:
+                lossless.lines.insert(0, f"--budget {request.budget_text}: the float32 file fits")
+                return lossless
+            lines.append(f"--budget {request.budget_text}: the float32 file needs "
+                         f"{format_size(total)}; choosing types per expert by measured "
+                         "sensitivity")
+        if request.quant == "auto" or request.fits_budget:
+            chosen, quant, auto_lines = self._auto(model, request, weights, ctx)
+            plan = self._typed_plan(model, request, chosen, "auto", "mixed")
+            plan.report["quant"] = quant
+            plan.lines[:0] = lines + auto_lines
+            return plan
+        if request.quant:
+            return self._typed_plan(model, request, {p: request.quant for p in weights},
+                                    "uniform", request.quant)
+        if request.quant_map:
             path = Path(request.quant_map)
             chosen = match_rules(path, read_rules(path, _parse_type), weights)
-            method, label = "map", "mixed"
-        else:
-            chosen, method, label = {}, "dtype", "f32"
+            return self._typed_plan(model, request, chosen, "map", "mixed")
+        return self._typed_plan(model, request, {}, "dtype", "f32")
+
+    def _typed_plan(self, model: ir.Model, request: TypeRequest, chosen: dict[str, str],
+                    method: str, label: str, check: bool = True) -> TypePlan:
+        """The plan for IR path -> type `chosen` (the rest float32); with a budget, the
+        memory (weights + float32 KV cache for --ctx) is reported and checked."""
         types = {p: "f32" for p, _ in model.tensors()}
         types.update(chosen)
         typed = model.with_types(types)
         typed = typed.with_history(types_entry(self.name, method, label, typed))
-        return TypePlan(typed, label, lower.weight_bytes(typed), report, lines)
+        weights = lower.weight_bytes(typed)
+        report: dict = {}
+        lines: list[str] = []
+        if request.budget is not None:
+            n_ctx = resolve_ctx(model, request.ctx)
+            kv = kv_cache_bytes(model, n_ctx)
+            report["memory"] = {"weights_bytes": weights, "kv_cache_bytes": kv, "ctx": n_ctx,
+                                "total_bytes": weights + kv, "budget_bytes": request.budget}
+            lines.append(f"memory: weights {format_size(weights)} + float32 KV cache "
+                         f"{format_size(kv)} for --ctx {n_ctx} = {format_size(weights + kv)} of "
+                         f"--budget {format_size(request.budget)} (ONNX Runtime's own arena is "
+                         "not counted)")
+            if weights + kv > request.budget and method != "auto" and check:
+                raise UserError(f"--budget {request.budget_text}: this configuration needs "
+                                f"{format_size(weights + kv)}; leave out the type flags to let "
+                                "--budget choose")
+        return TypePlan(typed, label, weights, report, lines)
 
     def _auto(self, model: ir.Model, request: TypeRequest, weights: list[str], ctx):
+        """Per-unit types by measured sensitivity under the budget; a budget even int4 does not
+        reach is refused before anything is measured."""
         n_ctx = resolve_ctx(model, request.ctx)
         kv = kv_cache_bytes(model, n_ctx)
         tensors = model.tensor_map()
         units: dict[str, list[str]] = {}
         for path in weights:
             units.setdefault(unit_of(path), []).append(path)
+
+        def unit_bytes(unit: str, kind: str) -> int:
+            return sum(oq.stored_bytes(tensors[p].numel, None if kind == "f32" else kind)
+                       for p in units[unit])
+
+        fixed = lower.weight_bytes(model.with_types({})) - sum(unit_bytes(u, "f32") for u in units)
+        smallest = fixed + sum(unit_bytes(u, CANDIDATES[-1]) for u in units)
+        if smallest + kv > request.budget:
+            raise UserError(f"--budget {request.budget_text} is below the smallest reachable "
+                            f"size {format_size(smallest + kv)} (int4 weights "
+                            f"{format_size(smallest)} + float32 KV cache for --ctx {n_ctx} "
+                            f"{format_size(kv)})")
         calib = ctx.calibration(model, "--quant auto")
 
         @contextmanager
@@ -154,28 +197,14 @@ class ONNXTarget(Target):
         measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
                                        ctx.device, ctx.progress)
         sens = {u: {"f32": 0.0, **measured[u]} for u in units}
-
-        def unit_bytes(unit: str, kind: str) -> int:
-            return sum(oq.stored_bytes(tensors[p].numel, None if kind == "f32" else kind)
-                       for p in units[unit])
-
-        fixed = lower.weight_bytes(model.with_types({})) - sum(unit_bytes(u, "f32") for u in units)
-        try:
-            unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
-                                                           request.budget - kv)
-        except allocate.BudgetError as exc:
-            raise UserError(f"--budget {request.budget_text} is below the smallest reachable "
-                            f"size {format_size(exc.smallest_weights + kv)} (int4 weights "
-                            f"{format_size(exc.smallest_weights)} + float32 KV cache for --ctx "
-                            f"{n_ctx} {format_size(kv)})") from None
+        unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
+                                                       request.budget - kv)
         chosen = {p: kind for u, kind in unit_types.items() if kind != "f32" for p in units[u]}
-        line = (f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
-                f"KL {predicted:.4f}")
-        report = {"quant": {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
-                            "units": unit_types, "sensitivity": sens},
-                  "memory": {"weights_bytes": total, "kv_cache_bytes": kv, "ctx": n_ctx,
-                             "total_bytes": total + kv, "budget_bytes": request.budget}}
-        return chosen, report, line
+        lines = [f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
+                 f"KL {predicted:.4f}"] + type_table(unit_types, _unit_kind)
+        quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
+                 "units": unit_types, "sensitivity": sens}
+        return chosen, quant, lines
 
     # ------------------------------------------------------------------ commit
     def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,

@@ -8,7 +8,10 @@ used. The spec is one string so it fits a CLI flag:
 - ``FILE.jsonl``: one ``{"prompt": ..., "answer": ...}`` object per line (the user's own task),
   returned as Examples of task "file" (first `n` lines);
 - ``FILE.txt``: plain text, cut into chunks at line boundaries (first `n` chunks), for
-  perplexity- or KL-based calibration.
+  perplexity- or KL-based calibration;
+- ``default``: the built-in general mix of prose, code and numbers the package ships
+  (moecompile/data/calibration_mix.txt, made by tools/make_calibration_mix.py), read like a
+  ``.txt``: what every calibrated flag uses when no ``--calib`` is given.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..errors import UserError
 from .examples import TASKS, Example, examples
 
 CHUNK_CHARS = 1000  # a .txt chunk: whole lines, about this many characters
+DEFAULT = "default"
+DEFAULT_MIX = Path(__file__).resolve().parents[1] / "data" / "calibration_mix.txt"
 
 
 def load_calibration(spec: str, n: int = 64) -> list[Example] | list[str]:
@@ -29,6 +34,8 @@ def load_calibration(spec: str, n: int = 64) -> list[Example] | list[str]:
     if n < 1:
         raise UserError(f"calibration size must be at least 1, got {n}")
     spec = spec.strip()
+    if spec == DEFAULT:
+        return _text(DEFAULT_MIX, n)
     if spec.endswith(".jsonl"):
         return _jsonl(Path(spec), n)
     if spec.endswith(".txt"):
@@ -37,7 +44,8 @@ def load_calibration(spec: str, n: int = 64) -> list[Example] | list[str]:
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise UserError(f"unknown calibration task(s) {', '.join(repr(t) for t in unknown)} in "
-                        f"'{spec}'; known: {', '.join(TASKS)}, 'all', or a .jsonl/.txt file")
+                        f"'{spec}'; known: {', '.join(TASKS)}, 'all', 'default' or a "
+                        ".jsonl/.txt file")
     out: list[Example] = []
     for task in dict.fromkeys(names):  # de-duplicated, order kept
         out += examples(task, "calib", n)

@@ -7,18 +7,8 @@ import json
 import pytest
 
 from moecompile.errors import UserError
-from moecompile.tasks import (
-    SPLITS,
-    TASKS,
-    Example,
-    completion_answer,
-    corpus_files,
-    corpus_texts,
-    examples,
-    load_calibration,
-    score,
-    split_of,
-)
+from moecompile.tasks import (SPLITS, TASKS, Example, completion_answer, corpus_files,
+                              corpus_texts, examples, load_calibration, score, split_of)
 from moecompile.tasks.corpus import corpus_split_of
 
 

@@ -197,8 +197,8 @@ def test_per_expert_precision(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--quant", "q4_k"], "--target onnx takes int8, int4 or auto"),
-    (["--budget", "1GB"], "--budget needs --quant auto"),
-    (["--quant", "auto", "--budget", "1GB"], "needs --budget SIZE and --calib"),
+    (["--quant", "auto"], "--quant auto needs --budget SIZE"),
+    (["--quant", "int8", "--budget", "10KB"], "this configuration needs"),
     (["--gpu-mem", "1GB"], "--gpu-mem plans for llama.cpp"),
     (["--dtype", "f16"], "writes float32 weights"),
     (["-o", "x.gguf"], "must end in .onnx"),
