@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="lm-eval's own log messages")
     args = p.parse_args(argv)
-    if args.quiet:  # lm-eval's and datasets' progress bars too (tqdm reads TQDM_DISABLE)
+    if args.quiet:  # progress bars of lm-eval, datasets and transformers too (read at import)
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from moecompile.evaluation.compare import Plan, compare
         from moecompile.evaluation.report import format_report
