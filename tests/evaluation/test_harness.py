@@ -201,3 +201,20 @@ def test_cli_side_by_side_with_paired_ci_and_json(compiled, tasks_dir, tmp_path,
         assert len(data["tasks"]["tiny_mc"]["outputs"]["base"]) == 3
         assert data["text"]["kl"]["mean"] < 1e-6 and data["text"]["same_top"]["p"] == 1.0
         assert data["text"]["tokens"] == data["text"]["chunks"] * (64 - 1 - 32)
+
+
+def test_bundled_suite_as_an_lm_eval_task(tmp_path):
+    """suite_tasks' YAML runs in lm-eval on the bundled model: 2 prompts per task, and the
+    trained model picks the right answer among near misses more often than chance (1 in 4)."""
+    from conftest import BUNDLED
+
+    from moecompile.evaluation.suite_tasks import write_suite_task
+
+    yaml = write_suite_task(tmp_path, n=2)
+    backend = HFBackend(BUNDLED)
+    result = run_lm_eval(backend, [str(yaml)])["moe_tiny_mc"]
+    assert result["n"] == 12
+    ours = score_multiple_choice(backend, load_user_tasks(yaml.with_suffix(".jsonl")))
+    assert [r["score"] for r in ours] == [result["metrics"]["acc"]["per_doc"][str(i)]
+                                          for i in range(12)]
+    assert result["metrics"]["acc"]["value"] > 0.5
