@@ -189,7 +189,7 @@ def test_cli_side_by_side_with_paired_ci_and_json(compiled, tasks_dir, tmp_path,
         out = tmp_path / f"{kind}.json"
         rc = main([str(compiled[kind]), "--base", str(compiled["hf"]), "--lm-eval",
                    str(tasks_dir / "tiny_mc.yaml"), "--text", str(text), "--ctx", "64",
-                   "--json", str(out), "--quiet"])
+                   "--chunks", "4", "--json", str(out), "--quiet"])
         printed = capsys.readouterr().out
         assert rc == 0, kind
         assert "| tiny_mc | acc | 3 |" in printed and "Mean KLD(base‖model)" in printed
@@ -200,7 +200,7 @@ def test_cli_side_by_side_with_paired_ci_and_json(compiled, tasks_dir, tmp_path,
         assert acc["paired"]["n"] == 3 and acc["paired"]["diff"] == 0.0
         assert len(data["tasks"]["tiny_mc"]["outputs"]["base"]) == 3
         assert data["text"]["kl"]["mean"] < 1e-6 and data["text"]["same_top"]["p"] == 1.0
-        assert data["text"]["tokens"] == data["text"]["chunks"] * (64 - 1 - 32)
+        assert data["text"]["chunks"] == 4 and data["text"]["tokens"] == 4 * (64 - 1 - 32)
 
 
 def test_bundled_suite_as_an_lm_eval_task(tmp_path):
