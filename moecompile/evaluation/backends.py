@@ -47,8 +47,11 @@ class Backend:
         """float32 logits (len, vocab) for each sequence; row t predicts token t+1."""
         raise NotImplementedError
 
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-        """Greedy continuations (at most max_new tokens each, stopping at end-of-sequence)."""
+    def greedy(self, prompts: list[list[int]], max_new: int,
+               stop: list[str] | None = None) -> list[list[int]]:
+        """Greedy continuations (at most max_new tokens each, stopping at end-of-sequence).
+        `stop`: strings after which a continuation may end early, to save time; the caller
+        still cuts at them (backends that cannot stop early generate on to max_new)."""
         raise NotImplementedError
 
 
@@ -95,10 +98,13 @@ class HFBackend(Backend):
         return [out[i, out.shape[1] - len(seq):] for i, seq in enumerate(batch)]
 
     @torch.no_grad()
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    def greedy(self, prompts: list[list[int]], max_new: int,
+               stop: list[str] | None = None) -> list[list[int]]:
         ids, mask = self._padded(prompts)
+        extra = {"stop_strings": stop, "tokenizer": self.tok} if stop else {}
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                  do_sample=False, pad_token_id=self.pad, eos_token_id=self.eos)
+                                  do_sample=False, pad_token_id=self.pad, eos_token_id=self.eos,
+                                  **extra)
         return [_until_eos(row[ids.shape[1]:].tolist(), self.eos) for row in out]
 
 
@@ -135,7 +141,8 @@ class IRBackend(Backend):
         out = self.ex.logits(ids, mask).float().cpu().numpy()
         return [out[i, out.shape[1] - len(seq):] for i, seq in enumerate(batch)]
 
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    def greedy(self, prompts: list[list[int]], max_new: int,
+               stop: list[str] | None = None) -> list[list[int]]:
         ids, mask = self._padded(prompts)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
         for _ in range(max_new):
@@ -174,7 +181,8 @@ class GGUFBackend(Backend):
     def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
         return [sequence_logits(self.llm, seq) for seq in batch]
 
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    def greedy(self, prompts: list[list[int]], max_new: int,
+               stop: list[str] | None = None) -> list[list[int]]:
         out = []
         for prompt in prompts:
             self.llm.reset()
@@ -185,6 +193,8 @@ class GGUFBackend(Backend):
                 if token == self.eos:
                     break
                 new.append(token)
+                if stop and any(s in self.decode(new) for s in stop):
+                    break
                 self.llm.eval([token])
             out.append(new)
         return out
@@ -218,7 +228,9 @@ class ONNXBackend(Backend):
     def logits(self, batch: list[list[int]]) -> list[np.ndarray]:
         return [self.decoder.sequence_logits(seq) for seq in batch]
 
-    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    def greedy(self, prompts: list[list[int]], max_new: int,
+               stop: list[str] | None = None) -> list[list[int]]:
+        # the runtime's decoder has no stop strings: it generates on to max_new
         return self.decoder.greedy(prompts, max_new, self.eos, self.pad)
 
 

@@ -17,7 +17,9 @@ Conventions, those of lm-eval's `hf` model unless said otherwise:
   first conditioned on the prefix token, the text itself encoded without BOS (the `hf` model
   encodes it with BOS and then prepends the prefix token as well, scoring BOS once more);
 - `generate_until` is greedy only (a task that asks for sampling is refused), stops at EOS, at
-  `max_gen_toks` (256 by default) and at the first of the `until` strings.
+  `max_gen_toks` (256 by default) and at the first of the `until` strings (llama.cpp and
+  transformers stop generating there; the ONNX decoder generates on to `max_gen_toks`, and
+  the text is cut all the same).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class MoeLM(TemplateLM):
             prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in indices]
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                news = self.backend.greedy(prompts[start:start + self.batch_size], max_new)
+                news = self.backend.greedy(prompts[start:start + self.batch_size], max_new,
+                                           stop=[u for u in until if u])
                 for i, new in zip(chunk, news):
                     out[i] = _cut(self.backend.decode(new), until)
         return out

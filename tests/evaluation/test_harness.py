@@ -218,3 +218,16 @@ def test_bundled_suite_as_an_lm_eval_task(tmp_path):
     assert [r["score"] for r in ours] == [result["metrics"]["acc"]["per_doc"][str(i)]
                                           for i in range(12)]
     assert result["metrics"]["acc"]["value"] > 0.5
+
+
+def test_llama_cpp_and_transformers_stop_generating_at_a_stop_string(compiled):
+    """Stopping early saves time only: the text up to the stop string is the same."""
+    for kind in ("gguf", "hf"):
+        backend = open_backend(compiled[kind])
+        prompt = [backend.encode("import os\n")]
+        free = backend.greedy(prompt, 12)[0]
+        text = backend.decode(free)
+        stop = text[2:4]
+        early = backend.greedy(prompt, 12, stop=[stop])[0]
+        assert len(early) < len(free), kind
+        assert backend.decode(early).split(stop)[0] == text.split(stop)[0], kind
