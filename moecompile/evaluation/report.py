@@ -52,6 +52,11 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _kl(x: float) -> str:
+    """Six decimals as llama-perplexity prints them; tiny values (an F32 file) in e-notation."""
+    return f"{x:.6f}" if x == 0 or abs(x) >= 1e-4 else f"{x:.3e}"
+
+
 def text_lines(t: dict, with_base: bool) -> list[str]:
     head = (f"text: {t['name']}: {t['chunks']} chunks of {t['n_ctx']} tokens, second half of "
             f"each scored ({t['tokens']} tokens; llama-perplexity's convention)")
@@ -62,13 +67,13 @@ def text_lines(t: dict, with_base: bool) -> list[str]:
              f"  Mean PPL(model)            {t['ppl']:.4f}",
              f"  Mean PPL(base)             {t['base_ppl']:.4f}",
              f"  Mean PPL(model)/PPL(base)  {t['ppl_ratio']:.4f}",
-             f"  Mean KLD(base‖model)       {kl['mean']:.6f} ± {kl['stderr']:.6f}",
-             f"  Maximum KLD                {kl['max']:.6f}"]
+             f"  Mean KLD(base‖model)       {_kl(kl['mean'])} ± {_kl(kl['stderr'])}",
+             f"  Maximum KLD                {_kl(kl['max'])}"]
     for q in PERCENTILES:
         label = "Median KLD" if q == 50.0 else f"{q:g}% KLD"
-        lines.append(f"  {label:<27}{kl[f'p{q:g}']:.6f}")
+        lines.append(f"  {label:<27}{_kl(kl[f'p{q:g}'])}")
     same = t["same_top"]
-    lines += [f"  Minimum KLD                {kl['min']:.6f}",
+    lines += [f"  Minimum KLD                {_kl(kl['min'])}",
               f"  RMS Δp                     {100 * t['rms_delta_p']:.3f} %",
               f"  Same top p                 {100 * same['p']:.3f} ± {100 * same['stderr']:.3f} %"]
     return lines
