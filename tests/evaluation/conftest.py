@@ -1,9 +1,10 @@
 """Fixtures for the evaluation tests: one tiny model, its F32 GGUF and ONNX, local lm-eval tasks.
 
-The hub is off for the whole session (set before datasets or huggingface_hub is imported, since
-both read these variables at import time) and the Hugging Face cache is an empty temporary
-folder, so a task can only run from the local files its YAML names, and one that needs the hub
-must fail.
+The hub is off for the whole session and the Hugging Face cache is an empty temporary folder,
+so a task can only run from the local files its YAML names, and one that needs the hub must
+fail. datasets reads these variables when first imported (by lm_eval, after this file);
+huggingface_hub may already have been imported by transformers (tests/conftest.py), so its
+offline switch is also set directly.
 """
 
 from __future__ import annotations
@@ -20,35 +21,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 _HF_HOME = tempfile.mkdtemp(prefix="moecompile-hf-home-")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
+import huggingface_hub.constants  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-BUNDLED = ROOT / "models" / "moe-tiny"
+huggingface_hub.constants.HF_HUB_OFFLINE = True
 
-# Three documents per task: enough to pair, small enough to run in every backend in seconds.
-MC_DOCS = [
-    {"prompt": "def add(a, b):\n    return", "choices": ["a + b", "a - b", "None"], "answer": 0},
-    {"prompt": "import os\nimport", "choices": ["sys", "json", "re"], "answer": 1},
-    {"prompt": "for i in range(10):\n    print(i)\nreturn", "choices": ["i", "None", "10"],
-     "answer": 2},
-]
-TEXT_DOCS = [
-    {"text": "The quick brown fox jumps over the lazy dog. " * 3},
-    {"text": "def main():\n    return 0\n\nif __name__ == '__main__':\n    main()\n"},
-    {"text": "Lorem ipsum dolor sit amet, consectetur adipiscing elit."},
-]
-GEN_DOCS = [
-    {"question": "x = 1\ny =", "answer": "2"},
-    {"question": "import", "answer": "os"},
-    {"question": "class A:\n   ", "answer": "pass"},
-]
-ARC_DOCS = [
-    {"id": "t1", "question": "Which word ends a Python function that gives back a value?",
-     "choices": {"text": ["return", "yield", "pass"], "label": ["A", "B", "C"]}, "answerKey": "A"},
-    {"id": "t2", "question": "What does import bring in?",
-     "choices": {"text": ["a module", "a loop"], "label": ["A", "B"]}, "answerKey": "A"},
-    {"id": "t3", "question": "What is 2 + 2?",
-     "choices": {"text": ["3", "4", "5", "22"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"},
-]
+from eval_data import ARC_DOCS, GEN_DOCS, MC_DOCS, ROOT, TEXT_DOCS  # noqa: E402
 
 
 def _jsonl(path: Path, docs: list[dict]) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from moecompile.evaluation.paired import mean_ci, paired_difference
 from moecompile.evaluation.suite_tasks import near_misses, suite_documents, write_suite_task
 
-from conftest import ROOT
+from eval_data import ROOT
 
 
 def test_lm_eval_is_optional_and_its_absence_is_one_line(qwen3, monkeypatch, capsys, eval_main):

@@ -22,7 +22,7 @@ from moecompile.evaluation.harness import MoeLM  # noqa: E402
 from moecompile.evaluation.loglik import continuation_logprobs, encode_pair  # noqa: E402
 from moecompile.evaluation.user_tasks import load_user_tasks, score_multiple_choice  # noqa: E402
 
-from conftest import ARC_DOCS  # noqa: E402
+from eval_data import ARC_DOCS  # noqa: E402
 
 SPECS = ["tiny_mc", "tiny_text", "tiny_gen"]
 
@@ -164,6 +164,7 @@ def test_a_task_whose_data_is_missing_exits_2_with_its_name(qwen3, tasks_dir, tm
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("eval:")]
     assert line.startswith("eval: error: lm-eval task arc_easy") and "cannot be loaded" in line
+    assert "OfflineModeIsEnabled" in line  # refused because the hub is off, not a timeout
     assert "Traceback" not in err
     # a local task whose file is gone
     yaml = tmp_path / "gone.yaml"
@@ -206,7 +207,7 @@ def test_cli_side_by_side_with_paired_ci_and_json(compiled, tasks_dir, tmp_path,
 def test_bundled_suite_as_an_lm_eval_task(tmp_path):
     """suite_tasks' YAML runs in lm-eval on the bundled model: 2 prompts per task, and the
     trained model picks the right answer among near misses more often than chance (1 in 4)."""
-    from conftest import BUNDLED
+    from eval_data import BUNDLED
 
     from moecompile.evaluation.suite_tasks import write_suite_task
 

@@ -13,7 +13,7 @@ from moecompile.evaluation.user_tasks import (load_user_tasks, score_generation,
                                               score_multiple_choice, score_user_tasks)
 from moecompile.tasks import examples, score
 
-from conftest import BUNDLED
+from eval_data import BUNDLED
 
 
 @pytest.fixture(scope="module")
