@@ -1,7 +1,8 @@
-"""Measure what compression cost: benchmarks, perplexity and KL, the compiled file against its original.
+"""Measure what compression cost: benchmarks, perplexity and KL, compiled file against original.
 
     python tools/eval.py MODEL [--base BASE]
-        [--lm-eval arc_easy,hellaswag,...|TASK.yaml [--lm-eval-include DIR] [--num-fewshot K] [--limit N]]
+        [--lm-eval arc_easy,hellaswag,...|TASK.yaml [--lm-eval-include DIR]
+                   [--num-fewshot K] [--limit N]]
         [--tasks add,sort,...|all|none|FILE.jsonl [--n N]]
         [--text FILE | --ppl] [--ctx 512] [--chunks N]
         [--json OUT] [--max-memory SIZE] [--max-length N] [--batch-size B] [--quiet]

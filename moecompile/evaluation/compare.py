@@ -59,9 +59,9 @@ def benchmarks(backend: Backend, plan: Plan) -> dict:
     out: dict[str, dict] = {}
     for task in plan.builtin_tasks:
         r = task_accuracy(backend, task, plan.n, plan.batch_size, plan.progress)
-        out[task] = {"metrics": {"exact_match": {
-            "value": r["accuracy"], "per_doc": {str(i): float(c) for i, c in enumerate(r["correct"])}}},
-            "n": r["n"]}
+        per_doc = {str(i): float(c) for i, c in enumerate(r["correct"])}
+        out[task] = {"metrics": {"exact_match": {"value": r["accuracy"], "per_doc": per_doc}},
+                     "n": r["n"]}
     if plan.user_tasks is not None:
         from .user_tasks import load_user_tasks, score_user_tasks
 

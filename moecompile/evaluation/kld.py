@@ -7,8 +7,8 @@ tools/perplexity/perplexity.cpp, PR #5076):
   both models are scored on the same token ids, so the report measures the compression, not a
   tokenizer difference); the first token of a chunk is replaced by BOS where the model has one;
 - each chunk is run from an empty cache and only its second half is scored (logit rows
-  n_ctx/2 … n_ctx−2 predicting tokens n_ctx/2+1 … n_ctx−1), so every scored token has at least
-  n_ctx/2 tokens of context;
+  n_ctx/2 … n_ctx−2 predicting tokens n_ctx/2+1 … n_ctx−1), so every scored token has at
+  least n_ctx/2 tokens of context;
 - per scored token: KL(base‖model) = Σ_v p_base(v)·(ln p_base(v) − ln p_model(v)) over the
   whole vocabulary (llama.cpp skips terms with ln p_base < −16 because it stores the base in
   16 bits; we have the base's float32 logits, so nothing is skipped), whether both argmaxes
@@ -100,7 +100,8 @@ def _against_base(nm: np.ndarray, nb: np.ndarray, kl: np.ndarray, same: np.ndarr
     return {
         "base_ppl": float(np.exp(nb.mean())),
         "ppl_ratio": float(np.exp(nm.mean() - nb.mean())),
-        "kl": {"mean": float(kl.mean()), "stderr": float(kl.std() / math.sqrt(n - 1)) if n > 1 else 0.0,
+        "kl": {"mean": float(kl.mean()),
+               "stderr": float(kl.std() / math.sqrt(n - 1)) if n > 1 else 0.0,
                "max": float(kl.max()),
                **{f"p{q:g}": float(np.percentile(kl, q)) for q in PERCENTILES},
                "min": float(kl.min())},

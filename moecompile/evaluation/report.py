@@ -37,7 +37,8 @@ def format_report(result: dict) -> str:
         lines.append("")
         if base:
             lines += ["| benchmark | metric | n | model (± 95% CI) | base (± 95% CI) | "
-                      "model − base [95% CI, paired] (docs only model / only base scored higher) |",
+                      "model − base [95% CI, paired] "
+                      "(docs only model / only base scored higher) |",
                       "|---|---|---:|---:|---:|---|"]
         else:
             lines += ["| benchmark | metric | n | model (± 95% CI) |", "|---|---|---:|---:|"]

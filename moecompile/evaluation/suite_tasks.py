@@ -79,7 +79,8 @@ def near_misses(task: str, prompt: str, answer: str, count: int = 3) -> list[str
     return out
 
 
-def suite_documents(n: int = 100, tasks: tuple[str, ...] = TASKS, split: str = "test") -> list[dict]:
+def suite_documents(n: int = 100, tasks: tuple[str, ...] = TASKS,
+                    split: str = "test") -> list[dict]:
     """`n` prompts per task (all of a task's split where it has fewer) as multiple choice."""
     docs = []
     for task in tasks:

@@ -58,9 +58,10 @@ def load_user_tasks(path: Path) -> list[dict]:
             raise UserError(f'{where}: "choices" must be a list of at least two non-empty strings')
         if isinstance(answer, str) and answer in choices:
             answer = choices.index(answer)
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise UserError(f'{where}: "answer" must be the index of a choice (0-{len(choices) - 1}) '
-                            "or one of the choices")
+        if (isinstance(answer, bool) or not isinstance(answer, int)
+                or not 0 <= answer < len(choices)):
+            raise UserError(f'{where}: "answer" must be the index of a choice '
+                            f"(0-{len(choices) - 1}) or one of the choices")
         docs.append({"kind": "multiple_choice", "prompt": doc["prompt"], "choices": choices,
                      "answer": answer})
     if not docs:

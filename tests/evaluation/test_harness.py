@@ -118,7 +118,8 @@ def test_same_tasks_score_identically_on_hf_gguf_and_onnx(compiled, tasks_dir):
         for doc, choices in hf["tiny_mc"]["outputs"].items():
             assert [c[0] for c in other["tiny_mc"]["outputs"][doc]] == pytest.approx(
                 [c[0] for c in choices], abs=2e-3), kind
-        assert other["tiny_mc"]["metrics"]["acc"]["per_doc"] == hf["tiny_mc"]["metrics"]["acc"]["per_doc"]
+        acc = other["tiny_mc"]["metrics"]["acc"]["per_doc"]
+        assert acc == hf["tiny_mc"]["metrics"]["acc"]["per_doc"], kind
         for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
             assert other["tiny_text"]["metrics"][metric]["value"] == pytest.approx(
                 hf["tiny_text"]["metrics"][metric]["value"], rel=1e-4), (kind, metric)

@@ -84,8 +84,9 @@ def test_bad_lines_are_named_by_file_and_line(tmp_path, line, message):
 
 def test_cli_user_tasks_against_base_and_bad_file(compiled, tmp_path, capsys, eval_main):
     path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "choices": c, "answer": 0}) + "\n" for p, c in [
-        ("import", ["os", "sys"]), ("def f():\n    return", ["None", "1"]), ("x =", ["1", "y"])]))
+    rows = [("import", ["os", "sys"]), ("def f():\n    return", ["None", "1"]), ("x =", ["1", "y"])]
+    path.write_text("".join(json.dumps({"prompt": p, "choices": c, "answer": 0}) + "\n"
+                            for p, c in rows))
     out = tmp_path / "r.json"
     assert eval_main([str(compiled["gguf"]), "--base", str(compiled["hf"]), "--tasks", str(path),
                       "--json", str(out), "--quiet"]) == 0
