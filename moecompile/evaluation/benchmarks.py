@@ -41,8 +41,9 @@ def require_lm_eval():
 
 
 def _quiet(verbose: bool) -> None:
-    """lm-eval and datasets log every step at INFO and draw progress bars; keep warnings."""
-    logging.getLogger("lm_eval").setLevel(logging.WARNING if verbose else logging.ERROR)
+    """lm-eval and datasets log every step at INFO and draw progress bars: errors only, unless
+    --verbose asks for lm-eval's own messages."""
+    logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         import datasets
 
