@@ -1,4 +1,10 @@
-"""Measuring a (compressed) model: the engine behind tools/eval.py."""
+"""Measuring a (compressed) model: the engine behind tools/eval.py.
+
+evaluate() below is the built-in suite's engine (used by the benchmarks in tools/). tools/eval.py
+runs compare.compare(): lm-eval tasks through harness.MoeLM (benchmarks.py, lm-eval imported only
+there), the user's JSONL tasks (user_tasks.py), the llama-perplexity-style text report (kld.py),
+paired intervals (paired.py) and the memory check for HF folders (memory.py).
+"""
 
 from __future__ import annotations
 
