@@ -3,9 +3,10 @@
 Weight types: the unit of choice is a GGUF tensor (llama.cpp stores a layer's experts as one
 stacked tensor, so per-expert precision is not possible here); `--quant auto` groups them
 further (a layer's attention, each stacked expert projection, a shared expert, the embedding,
-the output head). `--dtype` types are written by moecompile's own writer; `--quant`,
-`--quant-map` and `--quant auto` go through llama.cpp's quantizer (quantizer.py), with an
-importance matrix from `--calib` when given.
+the output head). Every type is written by moecompile's own writer, tensor by tensor, k-quants
+and i-quants through ggml's own quantizer (ggml.py: the bytes llama.cpp's quantizer writes),
+with an importance matrix from `--calib` when given for --quant/--quant-map, and always for
+--quant auto and --budget.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,9 +31,9 @@ from ..target import (BudgetUnreachable, Committed, Target, TypePlan, TypeReques
                       resolve_ctx, temp_path, type_table, types_entry)
 from . import arch as gguf_arch
 from . import imatrix_dat, memory, offload, writer
-from .numerics import FileNumerics, StoredNumerics
-from .quantizer import quantize_file, read_tensors
-from .types import DTYPES, ggml, keeps_f32, parse_type, stored_type, tensor_bytes
+from .reader import FileNumerics, read_tensors
+from .types import DTYPES, ggml as ggml_type, keeps_f32, parse_type, roundtrip, stored_type
+from .types import tensor_bytes
 
 log = logging.getLogger("moecompile")
 
@@ -144,7 +144,7 @@ class GGUFTarget(Target):
                     by_tensor: dict[str, str] | None, importance=None,
                     check: bool = True) -> TypePlan:
         """The plan for GGUF tensor types `by_tensor` (None: --dtype's), checked against the
-        budget; with llama.cpp's quantizer, an importance matrix when calibration is at hand."""
+        budget; for chosen types, an importance matrix when calibration was given."""
         if by_tensor is None:
             dtype = request.dtype if request.dtype != "auto" else lossless_dtype(model)
             if dtype not in DTYPES:
@@ -154,7 +154,6 @@ class GGUFTarget(Target):
         else:
             typed = self.typed(model, by_tensor)
             label = request.quant if method == "uniform" else "mixed"
-        quantizer = by_tensor is not None
         weights = self.weight_bytes(typed)
         mem = memory.memory(typed, weights, n_ctx)
         report: dict = {"ctx": n_ctx, "memory": mem.to_dict()}
@@ -167,11 +166,12 @@ class GGUFTarget(Target):
                 raise UserError(f"--budget {request.budget_text}: this configuration needs "
                                 f"{format_size(mem.total_bytes)} ({mem.describe(n_ctx)}); "
                                 "leave out the type flags to let --budget choose")
-        if quantizer and importance is None and ctx.has_calibration:
+        if by_tensor is not None and importance is None and ctx.has_calibration:
             importance = self.importance(model, ctx)
         typed = typed.with_history(types_entry(self.name, method, label, typed))
         return TypePlan(typed, label, weights, report, lines,
-                        {"quantizer": quantizer, "importance": importance})
+                        {"dtype": label if by_tensor is None else "mixed",
+                         "importance": importance})
 
     def importance(self, model: ir.Model, ctx) -> tuple[dict, int]:
         """The importance matrix by GGUF tensor and the calibration sequences it came from."""
@@ -200,8 +200,7 @@ class GGUFTarget(Target):
                 f"{n_ctx} {format_size(fixed)}){hint}", experts)
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
-        sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
-                                ctx.progress)
+        sens = self.sensitivity(model, calib, importance[0], ctx.device, ctx.progress)
         group_types, total, predicted = allocate.choose(
             sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
             request.budget - fixed)
@@ -213,30 +212,28 @@ class GGUFTarget(Target):
         return by_tensor, importance, quant, lines
 
     def sensitivity(self, model: ir.Model, calib, importance, device: str,
-                    workdir: Path | None, progress: bool) -> dict[str, dict[str, float]]:
+                    progress: bool) -> dict[str, dict[str, float]]:
         """KL(original || model with only this group at this type), mean over calibration
-        tokens. Each candidate type is applied by llama.cpp's quantizer to the whole model
-        once and read back dequantized; then one group at a time takes those weights."""
+        tokens; each weight rounded to the type (with its importance) by ggml, as the file
+        would hold it (quantization is row-wise, so llama's q/k row order does not matter)."""
         groups = self.groups(model)
         units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
-        planned = self.planned(model)
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            source = Path(tmp) / "f32.gguf"
-            writer.export(model, source, self.check(model), "f32", f32=True, progress=False)
+        where = {p: (t, i) for ts in groups.values() for t in ts for i, p in enumerate(t.paths)}
 
-            @contextmanager
-            def rounded(name: str):
-                target = Path(tmp) / f"{name}.gguf"
-                quantize_file(source, target, {t.name: ggml(stored_type(t.name, t.shape, name))
-                                               for ts in groups.values() for t in ts},
-                              importance)
-                numerics = FileNumerics(target, planned)
-                target.unlink()
-                yield lambda path, tensor: (torch.from_numpy(numerics.values[path])
-                                            if path in numerics.values else None)
+        @contextmanager
+        def rounded(name: str):
+            def value(path: str, tensor: ir.Tensor) -> torch.Tensor | None:
+                t, index = where[path]
+                qtype = ggml_type(stored_type(t.name, t.shape, name))
+                n = tensor.shape[-1]
+                imatrix = None if importance is None else importance[t.name][index * n:
+                                                                              (index + 1) * n]
+                return torch.from_numpy(roundtrip(tensor.value().to(torch.float32).numpy(),
+                                                  qtype, imatrix))
+            yield value
 
-            return sensitivity.measure(model, calib, units, list(CANDIDATES), rounded, device,
-                                       progress)
+        return sensitivity.measure(model, calib, units, list(CANDIDATES), rounded, device,
+                                   progress)
 
     def _experts_that_fit(self, model, smallest: dict[str, int], unquantized: int,
                           weight_budget: int) -> int | None:
@@ -251,44 +248,32 @@ class GGUFTarget(Target):
     # ------------------------------------------------------------------ commit
     def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
                progress: bool = True) -> Committed:
-        """Export under a temporary name (an F32 file first when llama.cpp's quantizer makes
-        the types), verify, rename to OUT or OUT.FAILED.gguf; the importance matrix goes beside
-        it as OUT.imatrix.dat. Any error or Ctrl-C removes what was written."""
+        """Export under a temporary name (each tensor quantized as it is written, with its
+        importance vector when there is one), verify, rename to OUT or OUT.FAILED.gguf; the
+        importance matrix goes beside it as OUT.imatrix.dat. Any error or Ctrl-C removes what
+        was written."""
         model = plan.model
         arch = self.check(model)
-        quantizer = plan.details.get("quantizer", False)
         importance = plan.details.get("importance")
         tmp = temp_path(out)
-        source = tmp.with_name(tmp.name + ".f32")
         dat = out.with_suffix(".imatrix.dat")
         dat_tmp = temp_path(dat)
-        planned = writer.plan(model, arch)
         try:
             try:
-                if quantizer:
-                    writer.export(model, source, arch, "f32", f32=True, progress=progress)
-                    log.info("quantizing with llama.cpp (%d tensors typed)", len(planned))
-                    quantize_file(source, tmp, {t.name: t.qtype for t in planned
-                                                if not keeps_f32(t.name, t.shape)},
-                                  importance[0] if importance else None)
-                    source.unlink()
-                else:
-                    writer.export(model, tmp, arch, plan.label, progress=progress)
+                result = writer.export(model, tmp, arch, importance[0] if importance else None,
+                                       progress=progress)
                 if importance:
                     imatrix_dat.write_dat(dat_tmp, *importance)
             except OSError as exc:
                 raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
-            # what the file holds: llama.cpp's quantizer chose the final types, our writer its own
-            written = (read_tensors(tmp) if quantizer else
-                       [(t.name, t.shape, t.qtype, t.nbytes) for t in planned])
+            written = read_tensors(tmp)
             verification = None
             if verify:
                 log.info("verifying %s in llama.cpp against the reference executor", out.name)
-                numerics = FileNumerics(tmp, planned) if quantizer else StoredNumerics(model)
                 ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
                 got = run_llama_cpp(tmp, ids)
-                verification = compare_with_reference("llama.cpp", got, model, ids, numerics,
-                                                      device)
+                verification = compare_with_reference(
+                    "llama.cpp", got, model, ids, FileNumerics(tmp, result.tensors), device)
             final = out if verification is None or verification.passed else failed_name(out)
             files = [final]
             if importance:
@@ -296,11 +281,11 @@ class GGUFTarget(Target):
                 files.append(dat)
             os.replace(tmp, final)
         finally:
-            for leftover in (tmp, source, dat_tmp):
+            for leftover in (tmp, dat_tmp):
                 leftover.unlink(missing_ok=True)
         fields = {
             "arch": arch,
-            "dtype": "mixed" if quantizer else plan.label,
+            "dtype": plan.details.get("dtype", "mixed"),
             "output": str(final),
             "passes": list(model.history),
             "tensor_bytes": sum(b for *_, b in written),

@@ -13,7 +13,7 @@ from moecompile.cli import main
 from moecompile.errors import UserError
 from moecompile.exporters.gguf import offload
 from moecompile.exporters.gguf.memory import compute_bytes, context_bytes, kv_cache_bytes, memory
-from moecompile.exporters.gguf.quantizer import read_tensors
+from moecompile.exporters.gguf.reader import read_tensors
 from moecompile.exporters.gguf.target import GGUFTarget
 from moecompile.exporters.gguf.types import QUANTIZED
 from moecompile.sizes import parse_size

@@ -9,7 +9,7 @@ from moecompile import frontend
 from moecompile.analysis.calibration import build_calib
 from moecompile.cli import main
 from moecompile.exporters.gguf import imatrix_dat
-from moecompile.exporters.gguf.quantizer import read_tensors
+from moecompile.exporters.gguf.reader import read_tensors
 from moecompile.exporters.gguf.target import GGUFTarget
 from moecompile.exporters.gguf.types import ggml, stored_type
 from moecompile.exporters.target import TypeRequest
