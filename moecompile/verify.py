@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import ir
-from .runtime import ReferenceExecutor
+from .runtime.streaming import executor_for
 
 N_TOKENS = 128
 FLIP_SHARE = 0.02  # share of tokens a rounded export may exceed the tolerance on
@@ -81,8 +81,9 @@ def compare(name: str, got: np.ndarray, same: np.ndarray, floating: np.ndarray, 
 def compare_with_reference(name: str, got: np.ndarray, model: ir.Model, ids: list[int],
                            numerics, device: str | None) -> VerifyResult:
     """`compare` a runtime's logits for `ids` with the reference executor on the file's
-    numerics (and, when those are rounded, on the float weights too)."""
+    numerics (and, when those are rounded, on the float weights too); layer-major for a model
+    too large to hold as float32, so memory follows one expert, not the model."""
     tokens = torch.tensor([ids])
-    same = ReferenceExecutor(model, device, numerics).logits(tokens)
-    floating = same if numerics.exact else ReferenceExecutor(model, device).logits(tokens)
+    same = executor_for(model, device, numerics).logits(tokens)
+    floating = same if numerics.exact else executor_for(model, device).logits(tokens)
     return compare(name, got, same[0].cpu().numpy(), floating[0].cpu().numpy(), numerics.exact)

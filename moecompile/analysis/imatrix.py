@@ -18,6 +18,7 @@ import torch
 
 from moecompile import ir
 from moecompile.runtime.executor import InputHook, ReferenceExecutor
+from moecompile.runtime.streaming import STREAM_ABOVE, StreamingExecutor, float32_bytes
 
 from .calibration import CalibSet
 
@@ -27,6 +28,7 @@ class Importance:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> sum of x_j^2 (float64)
     counts: dict[str, int] = field(default_factory=dict)  # path -> tokens seen
     sequences: int = 0
+    topped_up: dict[str, int] = field(default_factory=dict)  # path -> tokens of a top-up
 
     def mean(self, path: str) -> np.ndarray | None:
         """Mean squared input per column of the weight at `path` (None: never reached)."""
@@ -37,8 +39,12 @@ class Importance:
 
 @torch.no_grad()
 def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu") -> Importance:
-    """Importance of the weights at `paths`, one calibration sequence at a time (padding never
-    counts)."""
+    """Importance of the weights at `paths`: for a model too large to hold as float32, in one
+    layer-major pass (with rarely routed experts topped up, runtime/streaming.py); otherwise
+    one calibration sequence at a time through the token-major executor. Padding never
+    counts."""
+    if float32_bytes(model) > STREAM_ABOVE:
+        return collect_streaming(model, calib, paths, device)
     out = Importance(sequences=calib.n_examples)
 
     def record(path: str, x: torch.Tensor) -> None:
@@ -52,3 +58,15 @@ def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cp
         n = int(calib.mask[row].sum())
         ex.logits(calib.ids[row:row + 1, :n])
     return out
+
+
+@torch.no_grad()
+def collect_streaming(model: ir.Model, calib: CalibSet, paths: set[str],
+                      device: str = "cpu") -> Importance:
+    """`collect` in one layer-major pass over the whole calibration batch."""
+    from .observers import ImportanceObserver
+
+    observer = ImportanceObserver(paths)
+    StreamingExecutor(model, device, observer=observer).run(calib.ids, calib.mask,
+                                                           head=lambda rows, logits: None)
+    return Importance(observer.sums, observer.counts, calib.n_examples, observer.topped_up)

@@ -205,15 +205,31 @@ class ReferenceExecutor:
         return route(self.model.blocks[i].ffn, self.router_logits(i, x), self.router_map(i))
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's MoE on tokens x, expert by expert: each expert's weights are fetched when
+        its turn comes (a streaming executor fetches and drops them, so one expert is resident
+        at a time)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, weights = self.route(i, x)
-        gate, up, down = self.experts_stacked(i)
+        logits = self.router_logits(i, x)
+        idx, weights = route(self.model.blocks[i].ffn, logits, self.router_map(i))
+        self.observe_routing(i, x, logits, idx, weights)
         prefix = f"blocks.{i}.ffn.experts"
-        out = combine_experts(x, idx, weights, lambda e, rows: self.mlp(
-            x[rows], f"{prefix}.{e}", gate[e], up[e], down[e]))
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            out = self.mlp(x[rows], f"{prefix}.{e}")
+            self.observe_expert(i, e, rows, out, weights, idx)
+            return out
+
+        out = combine_experts(x, idx, weights, expert)
         shared = self.shared_expert(i, x)
         return (out if shared is None else out + shared).reshape(shape)
+
+    # observation points for calibration statistics (no-ops here; see runtime/streaming.py)
+    def observe_routing(self, i, x, logits, idx, weights) -> None:
+        pass
+
+    def observe_expert(self, i, e, rows, out, weights, idx) -> None:
+        pass
 
     def shared_expert(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Block i's always-on expert output (None when its MoE has none)."""
