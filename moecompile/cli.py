@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--experts", type=int, metavar="N",
                        help="keep N experts in every MoE layer (needs --calib)")
     prune.add_argument("--prune-method", default="eep",
-                       choices=["eep", "frequency", "mass", "random", "reconstruct"],
+                       choices=["eep", "frequency", "mass", "reap", "random", "reconstruct"],
                        help="eep (default): evolutionary search over kept and merged experts; "
                             "or a baseline")
     prune.add_argument("--calib", metavar="TASKS|FILE",

@@ -21,8 +21,10 @@ from moecompile import ir
 from moecompile.analysis import baselines
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, moe_layers
-from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
+from moecompile.analysis.observers import RouterObserver
 from moecompile.errors import UserError
+from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .base import Pass, PassContext, PassResult
 
@@ -57,6 +59,8 @@ class PruneExperts(Pass):
         self.config = config
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if streams(model):
+            return self._run_streaming(model, ctx)
         n_experts = check_request(model, self.n_keep, self.method)
         n_keep, method, router_mode = self.n_keep, self.method, self.router_mode
         t0 = time.monotonic()
@@ -71,7 +75,7 @@ class PruneExperts(Pass):
         report["fitness_unpruned"] = round(evaluator.fitness({}), 6)
         if method == "eep":
             starts = {name: baselines.choose(name, model, io, n_keep, ctx.seed, ctx.device)
-                      for name in baselines.BASELINES}
+                      for name in baselines.EEP_STARTS}
             config = self.config or EEPConfig(seed=ctx.seed)
             result = search(evaluator.fitness, layers, n_experts, n_keep, starts, config,
                             router_mode, ctx.progress)
@@ -92,6 +96,43 @@ class PruneExperts(Pass):
         top_k = model.blocks[layers[0]].ffn.top_k
         if n_keep < top_k:
             report["top_k_clamped"] = [top_k, n_keep]
+        return PassResult(pruned, True, report)
+
+    def _run_streaming(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """The same pass for a model too large to hold as float32: one layer-major pass of
+        the original gathers the router statistics (and its fitness), the baseline chooses from
+        them, a second pass measures the pruned model's fitness. EEP and reconstruct need a
+        forward per candidate or per subset and are refused here with the alternatives."""
+        n_experts = check_request(model, self.n_keep, self.method)
+        if self.method in ("eep", "reconstruct"):
+            raise UserError(f"--prune-method {self.method} runs the model once per candidate "
+                            "and does not run at this size yet; use frequency, mass or reap "
+                            "(one streaming pass each)")
+        t0 = time.monotonic()
+        calib = ctx.calibration(model, "--experts")
+        router = RouterObserver()
+        original = StreamingFitness(calib)
+        StreamingExecutor(model, ctx.device, observer=router).run(calib.ids, calib.mask,
+                                                                  original.consume)
+        plans = baselines.choose(self.method, model, baselines.stats_from(router), self.n_keep,
+                                 ctx.seed, ctx.device)
+        pruned = apply_plans(model, plans, router_mode=self.router_mode)
+        after = StreamingFitness(calib, original if calib.kind == "text" else None)
+        StreamingExecutor(pruned, ctx.device).run(calib.ids, calib.mask, after.consume)
+        layers = moe_layers(model)
+        report = {"pass": self.name, "method": self.method, "experts": self.n_keep,
+                  "experts_before": n_experts, "calib": calib.spec,
+                  "calib_examples": calib.n_examples,
+                  "fitness_kind": "accuracy" if calib.kind == "tasks" else "neg_kl",
+                  "seed": ctx.seed, "executor": "streaming",
+                  "fitness_unpruned": round(original.value(), 6),
+                  "fitness": round(after.value(), 6),
+                  "coverage": router.coverage(),
+                  "seconds": round(time.monotonic() - t0, 2),
+                  "layers": {str(layer): plan.to_dict() for layer, plan in plans.items()}}
+        top_k = model.blocks[layers[0]].ffn.top_k
+        if self.n_keep < top_k:
+            report["top_k_clamped"] = [top_k, self.n_keep]
         return PassResult(pruned, True, report)
 
     def summary(self, report: dict) -> str:

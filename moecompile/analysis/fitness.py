@@ -159,3 +159,68 @@ def _plan_key(plan: LayerPlan | None) -> bytes:
     digest.update(np.ascontiguousarray(plan.merge, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(plan.router, dtype=np.float64).tobytes())
     return digest.digest()
+
+
+TOP_K_REFERENCE = 1024  # reference log-probabilities kept per scored token for the text KL
+
+
+class StreamingFitness:
+    """The same fitness from a layer-major pass (runtime/streaming.py), fed logits chunk by
+    chunk (`consume`), so nothing the size of tokens x vocabulary is ever held.
+
+    Tasks: exact match and the tie-breaker, exactly as `FitnessEvaluator.score`. Text: minus the
+    mean KL(original || candidate) over the scored tokens, from the original's top
+    TOP_K_REFERENCE log-probabilities plus the mass of the rest as one outcome (the top-K KL
+    EvoPress found as effective as the full one for K >= 512; shared/research/scale.md §6.6):
+    exact for a vocabulary up to K, a lower bound beyond (the log-sum inequality), about 8 KB a
+    token. Record the reference with a pass of the original (`reference=None`), then score
+    candidates against it."""
+
+    def __init__(self, calib: CalibSet, reference: "StreamingFitness | None" = None):
+        self.calib = calib
+        flat_targets = calib.targets.reshape(-1)
+        self.targets = flat_targets
+        self.example = torch.arange(calib.n_examples)[:, None].expand_as(calib.targets).reshape(-1)
+        self.reference = reference
+        n = calib.n_examples
+        self.wrong = torch.zeros(n, dtype=torch.long)  # wrong scored tokens per example
+        self.logp_sum, self.logp_count = 0.0, 0
+        self.kl_sum = 0.0
+        self.top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, logp)
+
+    def consume(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        rows = rows.cpu()
+        targets = self.targets[rows]
+        scored = targets != -100
+        if not scored.any():
+            return
+        rows, logits, targets = rows[scored], logits[scored.to(logits.device)].float().cpu(), targets[scored]
+        logp = torch.log_softmax(logits, -1)
+        if self.calib.kind == "tasks":
+            wrong = (logits.argmax(-1) != targets).long()
+            self.wrong.index_add_(0, self.example[rows], wrong)
+            self.logp_sum += float(logp.gather(-1, targets[:, None]).sum())
+            self.logp_count += len(rows)
+            return
+        if self.reference is None:  # the original: keep its top-K
+            top = logp.topk(min(TOP_K_REFERENCE, logp.shape[-1]), dim=-1)
+            for r, ids, lp in zip(rows.tolist(), top.indices, top.values):
+                self.top[r] = (ids, lp)
+            self.logp_count += len(rows)
+            return
+        for r, q in zip(rows.tolist(), logp):
+            ids, lp = self.reference.top[r]
+            p = lp.exp()
+            tail_p = (1 - p.sum()).clamp(min=1e-12)
+            q_top = q[ids]
+            tail_q = (1 - q_top.exp().sum()).clamp(min=1e-12)
+            kl = float((p * (lp - q_top)).sum() + tail_p * (tail_p.log() - tail_q.log()))
+            self.kl_sum += max(kl, 0.0)
+            self.logp_count += 1
+
+    def value(self) -> float:
+        if self.calib.kind == "text":
+            return -self.kl_sum / max(self.logp_count, 1) if self.reference is not None else 0.0
+        exact = float((self.wrong == 0).float().mean())
+        token_logp = self.logp_sum / max(self.logp_count, 1)
+        return exact + 0.5 / self.calib.n_examples * float(np.exp(token_logp))

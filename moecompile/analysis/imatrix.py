@@ -18,7 +18,7 @@ import torch
 
 from moecompile import ir
 from moecompile.runtime.executor import InputHook, ReferenceExecutor
-from moecompile.runtime.streaming import STREAM_ABOVE, StreamingExecutor, float32_bytes
+from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .calibration import CalibSet
 
@@ -43,7 +43,7 @@ def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cp
     layer-major pass (with rarely routed experts topped up, runtime/streaming.py); otherwise
     one calibration sequence at a time through the token-major executor. Padding never
     counts."""
-    if float32_bytes(model) > STREAM_ABOVE:
+    if streams(model):
         return collect_streaming(model, calib, paths, device)
     out = Importance(sequences=calib.n_examples)
 

@@ -125,7 +125,7 @@ class RouterObserver(Observer):
     def routing(self, block, x, logits, idx, weights):
         n = logits.shape[-1]
         _add(self.frequency, block, torch.bincount(idx.reshape(-1), minlength=n).double().cpu())
-        _add(self.mass, block, torch.softmax(logits.double(), -1).sum(0).cpu())
+        _add(self.mass, block, torch.softmax(logits, -1).double().sum(0).cpu())
         self.tokens[block] = self.tokens.get(block, 0) + x.shape[0]
 
     def expert(self, block, e, rows, out, weights, idx):

@@ -26,6 +26,7 @@ block arithmetic and the routing are written once.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -35,7 +36,9 @@ from .executor import Numerics, ReferenceExecutor, SourceNumerics, rms_norm
 
 SEQUENCE_BATCH = 8  # sequences per attention batch
 HEAD_ROWS = 2048  # tokens per output-head chunk (vocab x rows float32 logits at a time)
-STREAM_ABOVE = 2 * 2**30  # float32 weight bytes above which the job streams
+# float32 weight bytes above which passes and verification stream (MOECOMPILE_STREAM_ABOVE
+# sets it: 0 streams every model, e.g. on a machine with little memory)
+STREAM_ABOVE = int(os.environ.get("MOECOMPILE_STREAM_ABOVE", 2 * 2**30))
 
 
 def float32_bytes(model: ir.Model) -> int:
@@ -43,10 +46,14 @@ def float32_bytes(model: ir.Model) -> int:
     return 4 * sum(t.numel for _, t in model.tensors())
 
 
+def streams(model: ir.Model) -> bool:
+    """Is `model` too large to run token-major (every weight held as float32)?"""
+    return float32_bytes(model) > STREAM_ABOVE
+
+
 def executor_for(model: ir.Model, device: str | None = None, numerics: Numerics | None = None):
     """The token-major executor for a model that fits comfortably, else the streaming one."""
-    cls = StreamingExecutor if float32_bytes(model) > STREAM_ABOVE else ReferenceExecutor
-    return cls(model, device, numerics)
+    return (StreamingExecutor if streams(model) else ReferenceExecutor)(model, device, numerics)
 
 
 class Observer:

@@ -182,10 +182,11 @@ class TensorPlan:
         return sum(p.numel for p in self.pieces)
 
 
-def family_config(family: str, layers: int | None = None) -> dict:
-    """The public config of `family` with `num_hidden_layers` replaced (legacy key names)."""
+def family_config(family: str, layers: int | None = None, overrides: dict | None = None) -> dict:
+    """The public config of `family` with `num_hidden_layers` replaced (legacy key names), and
+    `overrides` applied (a smaller model with the family's structure, for tests)."""
     try:
-        cfg = dict(FAMILIES[family])
+        cfg = {**FAMILIES[family], **(overrides or {})}
     except KeyError:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}") from None
     if layers is not None:
@@ -340,7 +341,8 @@ def tensor_chunks(t: TensorPlan, dtype: str, seed: int, std: float, norm_std: fl
 def _recipe_plan(recipe: dict, key: str) -> TensorPlan:
     if recipe.get("chunk_values", CHUNK_VALUES) != CHUNK_VALUES:
         raise ValueError("checkpoint was written with another chunking; its values differ")
-    plans = plan_tensors(family_config(recipe["family"], recipe["layers"]), recipe["fused_experts"])
+    plans = plan_tensors(family_config(recipe["family"], recipe["layers"], recipe.get("overrides")),
+                         recipe["fused_experts"])
     for t in plans:
         if t.key == key:
             return t
@@ -470,7 +472,7 @@ def write_checkpoint(family: str, out_dir: str | Path, layers: int | None = None
                      dtype: str = "bf16", std: float = 0.02, seed: int = 0,
                      shard_bytes: int = 4 * GB, fused_experts: bool = False, *,
                      norm_std: float = 0.1, bias_std: float = 0.02, fsync: bool = True,
-                     progress: bool = False) -> WriteReport:
+                     progress: bool = False, overrides: dict | None = None) -> WriteReport:
     """Write a random-weight checkpoint of `family` with `layers` decoder layers (default: the
     real depth) into `out_dir` (created; existing checkpoint files in it are replaced).
 
@@ -483,14 +485,15 @@ def write_checkpoint(family: str, out_dir: str | Path, layers: int | None = None
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = family_config(family, layers)
+    cfg = family_config(family, layers, overrides)
     st_dtype, _, nbytes_value = _DTYPES[dtype]
     tensors = plan_tensors(cfg, fused_experts)
     shards = plan_shards(tensors, nbytes_value, shard_bytes)
     names = shard_names(len(shards))
     recipe = {"family": family, "layers": cfg["num_hidden_layers"], "dtype": dtype, "std": std,
               "norm_std": norm_std, "bias_std": bias_std, "seed": seed,
-              "fused_experts": fused_experts, "chunk_values": CHUNK_VALUES}
+              "fused_experts": fused_experts, "chunk_values": CHUNK_VALUES,
+              "overrides": overrides or {}}
 
     for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / "model.safetensors.index.json",
                                                              out_dir / "config.json"]:
