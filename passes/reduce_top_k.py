@@ -22,8 +22,9 @@ from dataclasses import replace
 from moecompile import ir
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
-from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
 from moecompile.errors import UserError
+from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .base import Pass, PassContext, PassResult
 
@@ -71,6 +72,8 @@ class ReduceTopK(Pass):
             return PassResult(plain, True, report)  # nothing asked to measure it
         calib = ctx.calibration(model, "--topk-method search")
         report["calib"] = calib.spec
+        if streams(model):
+            return self._run_streaming(model, plain, ctx, calib, report, t0)
         reference = FitnessEvaluator(model, calib, ctx.device)
         report["fitness_before"] = round(reference.fitness({}), 6)
         evaluator = FitnessEvaluator(plain, calib, ctx.device, router_mode="logits")
@@ -90,6 +93,22 @@ class ReduceTopK(Pass):
             report["layers"] = {str(i): p.to_dict() for i, p in found.plans.items()}
         report["seconds"] = round(time.monotonic() - t0, 2)
         return PassResult(result_model, True, report)
+
+    def _run_streaming(self, model, plain, ctx, calib, report, t0) -> PassResult:
+        """At real size: plain top-k, scored by one layer-major pass before and one after. The
+        search runs the model once per candidate and is refused here with the alternative."""
+        if self.method == "search":
+            raise UserError("--topk-method search runs the model once per candidate and does "
+                            "not run at this size yet; use --topk-method plain")
+        before = StreamingFitness(calib)
+        StreamingExecutor(model, ctx.device).run(calib.ids, calib.mask, before.consume)
+        after = StreamingFitness(calib, before if calib.kind == "text" else None)
+        StreamingExecutor(plain, ctx.device).run(calib.ids, calib.mask, after.consume)
+        report.update({"fitness_before": round(before.value(), 6),
+                       "fitness_plain": round(after.value(), 6),
+                       "fitness": round(after.value(), 6), "executor": "streaming",
+                       "seconds": round(time.monotonic() - t0, 2)})
+        return PassResult(plain, True, report)
 
     def summary(self, report: dict) -> str:
         k, before = report["top_k"], report["top_k_before"]
