@@ -36,7 +36,7 @@ class TypeRequest:
     budget: int | None = None  # --budget, bytes of runtime memory
     budget_text: str | None = None  # as the user wrote it, for messages
     ctx: int | None = None  # --ctx the memory is planned for
-    workdir: Path | None = None  # where large scratch files go (the output's folder)
+    sensitivity: str = "auto"  # full | local | auto (local when the model streams)
 
     @property
     def fits_budget(self) -> bool:

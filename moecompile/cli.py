@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "24GB, 8GiB, 512MB or bytes. Alone it writes the most faithful file "
                         "that fits: lossless if it fits, else types chosen by measured "
                         "sensitivity (as --quant auto); with a type flag it checks the fit")
+    p.add_argument("--sensitivity", choices=["auto", "full", "local"], default="auto",
+                   help="how --quant auto / --budget measure each type's cost: full (one "
+                        "forward of the whole model per group and type), local (each "
+                        "sub-layer's error on its cached input, fitted to KL by one probe, "
+                        "about three passes in all; the chosen mix measured end to end); auto "
+                        "(default): local for a model too large to run whole, else full")
     p.add_argument("--allow-prune", action="store_true",
                    help="with --budget: when even the smallest types exceed it, prune experts "
                         "(--prune-method, on the calibration data) until they fit")

@@ -84,7 +84,7 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
     request = TypeRequest(dtype=options.dtype, quant=options.quant,
                           quant_map=Path(options.quant_map) if options.quant_map else None,
                           budget=options.budget_bytes, budget_text=options.budget, ctx=options.ctx,
-                          workdir=_workdir(options))
+                          sensitivity=options.sensitivity)
     plan = _choose_types(target, model, request, ctx, options, router_mode, say)
     for line in plan.lines:
         say(line)
@@ -181,16 +181,6 @@ def _run_passes(model: ir.Model, passes: list[Pass], ctx: PassContext,
         if line:
             say(line)
     return model
-
-
-def _workdir(options: Options) -> Path | None:
-    """The output's folder, where large scratch files go (it exists once validated)."""
-    if not options.output:
-        return None
-    out = Path(options.output)
-    folder = options.output.endswith(("/", "\\")) or out.is_dir()
-    where = out if folder and out.exists() else out.parent
-    return where if where.is_dir() else None
 
 
 def _choose_types(target, model: ir.Model, request: TypeRequest, ctx: PassContext,

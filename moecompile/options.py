@@ -34,6 +34,7 @@ class Options:
     plan: bool = False
     experts: int | None = None
     prune_method: str = "eep"
+    sensitivity: str = "auto"
     calib: str | None = None
     calib_n: int = 32
     search_budget: str | None = None

@@ -23,6 +23,7 @@ from moecompile import ir
 from moecompile.analysis import allocate, imatrix, sensitivity
 from moecompile.errors import UserError
 from moecompile.runtime.llama_worker import run_llama_cpp
+from moecompile.runtime.streaming import streams
 from moecompile.sizes import format_size, parse_size
 from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
@@ -38,6 +39,7 @@ from .types import tensor_bytes
 log = logging.getLogger("moecompile")
 
 CANDIDATES = ("q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")  # --quant auto's
+LOCAL_PROBE = "q4_k"  # the type every group takes at once to fit layer-local errors to KL
 
 
 def group_of(name: str) -> str:
@@ -200,31 +202,47 @@ class GGUFTarget(Target):
                 f"{n_ctx} {format_size(fixed)}){hint}", experts)
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
-        sens = self.sensitivity(model, calib, importance[0], ctx.device, ctx.progress)
+        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        rounding = self._rounding(model, importance[0])
+        local = request.sensitivity == "local" or (request.sensitivity == "auto"
+                                                   and streams(model))
+        if local:
+            sens, info, check = sensitivity.local_losses(
+                model, calib, units, list(CANDIDATES), rounding, LOCAL_PROBE, ctx.device,
+                ctx.progress)
+        else:
+            sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
+                                       ctx.device, ctx.progress)
         group_types, total, predicted = allocate.choose(
             sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
             request.budget - fixed)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
-        lines = [f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
-                 f"predicted KL {predicted:.4f}"] + type_table(group_types, _group_kind)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens}
-        return by_tensor, importance, quant, lines
+        line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
+                f"predicted KL {predicted:.4f}")
+        if local:
+            chosen = {p: group_types[g] for g, paths in units.items() for p in paths}
+            with rounding(None, chosen) as value:
+                quant["measured_kl"] = check(set(chosen), value)
+            quant["sensitivity_method"] = info
+            line += (f", measured {quant['measured_kl']:.4f} end to end (layer-local "
+                     f"sensitivity on {info['tokens']} tokens)")
+        return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
 
-    def sensitivity(self, model: ir.Model, calib, importance, device: str,
-                    progress: bool) -> dict[str, dict[str, float]]:
-        """KL(original || model with only this group at this type), mean over calibration
-        tokens; each weight rounded to the type (with its importance) by ggml, as the file
-        would hold it (quantization is row-wise, so llama's q/k row order does not matter)."""
-        groups = self.groups(model)
-        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
-        where = {p: (t, i) for ts in groups.values() for t in ts for i, p in enumerate(t.paths)}
+    def _rounding(self, model: ir.Model, importance: dict | None):
+        """`rounding(name)`: a context giving value(path, tensor), the weight as a file of type
+        `name` holds it (ggml's rounding with its importance slice), for the quantizable
+        tensors; `rounding(None, types)` rounds each path to its own type. Quantization is
+        row-wise, so llama's q/k row order does not matter."""
+        where = {p: (t, i) for t in self.quantizable(model) for i, p in enumerate(t.paths)}
 
         @contextmanager
-        def rounded(name: str):
+        def rounding(name: str | None, types: dict[str, str] | None = None):
             def value(path: str, tensor: ir.Tensor) -> torch.Tensor | None:
                 t, index = where[path]
-                qtype = ggml_type(stored_type(t.name, t.shape, name))
+                kind = name if types is None else types[path]
+                qtype = ggml_type(stored_type(t.name, t.shape, kind))
                 n = tensor.shape[-1]
                 imatrix = None if importance is None else importance[t.name][index * n:
                                                                               (index + 1) * n]
@@ -232,8 +250,7 @@ class GGUFTarget(Target):
                                                   qtype, imatrix))
             yield value
 
-        return sensitivity.measure(model, calib, units, list(CANDIDATES), rounded, device,
-                                   progress)
+        return rounding
 
     def _experts_that_fit(self, model, smallest: dict[str, int], unquantized: int,
                           weight_budget: int) -> int | None:

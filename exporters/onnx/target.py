@@ -26,6 +26,7 @@ import torch
 from moecompile import ir
 from moecompile.analysis import allocate, sensitivity
 from moecompile.errors import UserError, VerificationError
+from moecompile.runtime.streaming import streams
 from moecompile.sizes import format_size
 from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
@@ -190,21 +191,36 @@ class ONNXTarget(Target):
         calib = ctx.calibration(model, "--quant auto")
 
         @contextmanager
-        def rounded(kind: str):
-            yield lambda path, tensor: torch.from_numpy(oq.roundtrip(tensor.value().float().numpy(),
-                                                                     kind))
+        def rounded(kind: str | None, types: dict[str, str] | None = None):
+            def value(path: str, tensor: ir.Tensor) -> torch.Tensor:
+                return torch.from_numpy(oq.roundtrip(tensor.value().float().numpy(),
+                                                     kind or types[path]))
+            yield value
 
-        measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
-                                       ctx.device, ctx.progress)
+        local = request.sensitivity == "local" or (request.sensitivity == "auto"
+                                                   and streams(model))
+        if local:
+            measured, info, check = sensitivity.local_losses(
+                model, calib, units, list(CANDIDATES[1:]), rounded, CANDIDATES[-1],
+                ctx.device, ctx.progress)
+        else:
+            measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
+                                           ctx.device, ctx.progress)
         sens = {u: {"f32": 0.0, **measured[u]} for u in units}
         unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
                                                        request.budget - kv)
         chosen = {p: kind for u, kind in unit_types.items() if kind != "f32" for p in units[u]}
-        lines = [f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
-                 f"KL {predicted:.4f}"] + type_table(unit_types, _unit_kind)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "units": unit_types, "sensitivity": sens}
-        return chosen, quant, lines
+        line = (f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
+                f"KL {predicted:.4f}")
+        if local:
+            with rounded(None, chosen) as value:
+                quant["measured_kl"] = check(set(chosen), value)
+            quant["sensitivity_method"] = info
+            line += (f", measured {quant['measured_kl']:.4f} end to end (layer-local "
+                     f"sensitivity on {info['tokens']} tokens)")
+        return chosen, quant, [line] + type_table(unit_types, _unit_kind)
 
     # ------------------------------------------------------------------ commit
     def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
