@@ -110,16 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moecompile verify",
+        description="Check that a GGUF or ONNX file — also one moecompile did not write — "
+                    "computes what a checkpoint computes, within what its weight types allow: "
+                    "exit 0 if it does, 1 if it does not (saying where), 2 on bad input.")
+    p.add_argument("file", help="the .gguf or .onnx file")
+    p.add_argument("--against", required=True, metavar="MODEL",
+                   help="the Hugging Face checkpoint folder the file was made from")
+    p.add_argument("--device", default=None, help="torch device of the reference executor")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .job import run
+    from .job import run, verify_file
     from .options import Options
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verifying = bool(argv) and argv[0] == "verify"
+    args = (build_verify_parser().parse_args(argv[1:]) if verifying
+            else build_parser().parse_args(argv))
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="moecompile: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temp file
     say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     try:
+        if verifying:
+            return 0 if verify_file(args.file, args.against, args.device, say).passed else 1
         return run(Options.from_namespace(args), say).exit_code
     except UserError as exc:
         if args.debug:

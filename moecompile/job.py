@@ -115,6 +115,20 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
     return result
 
 
+def verify_file(file: str, model_folder: str, device: str | None = None,
+                say: Callable[[str], None] = print):
+    """`moecompile verify FILE --against MODEL`: the target of the file's format checks it
+    against the checkpoint (exporters/*/target.py `verify_file`)."""
+    path = Path(file)
+    if path.suffix not in (".gguf", ".onnx") or not path.is_file():
+        raise UserError(f"{file}: expected a .gguf or .onnx file")
+    model = frontend.load(model_folder)
+    verdict = target_for(path.suffix[1:]).verify_file(path, model, device)
+    for line in verdict.lines():
+        say(line)
+    return verdict
+
+
 def compile_model(model: ir.Model, out: Path, target="gguf",
                   request: TypeRequest | None = None, ctx: PassContext | None = None,
                   verify: bool = True, device: str | None = None,

@@ -28,10 +28,10 @@ from moecompile.sizes import format_size, parse_size
 from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
 
 from ..quant_map import match_rules, read_rules
-from ..target import (BudgetUnreachable, Committed, Target, TypePlan, TypeRequest, failed_name,
-                      resolve_ctx, temp_path, type_table, types_entry)
+from ..target import (BudgetUnreachable, Committed, FileVerdict, Target, TypePlan, TypeRequest,
+                      failed_name, resolve_ctx, temp_path, type_table, types_entry)
 from . import arch as gguf_arch
-from . import imatrix_dat, memory, offload, writer
+from . import check, imatrix_dat, memory, offload, writer
 from .reader import FileNumerics, read_tensors
 from .types import DTYPES, ggml as ggml_type, keeps_f32, parse_type, roundtrip, stored_type
 from .types import tensor_bytes
@@ -320,6 +320,31 @@ class GGUFTarget(Target):
             return []
         return [f"importance matrix from {importance[1]} calibration sequences: "
                 f"{committed.report['imatrix_file']}"]
+
+    # ------------------------------------------------------------------ any file
+    def verify_file(self, path: Path, model: ir.Model, device: str | None = None) -> FileVerdict:
+        """A GGUF from anywhere against the checkpoint: that llama.cpp can compute the
+        checkpoint at all (its arch's fixed semantics), the file's metadata, each tensor's values
+        within its type's rounding, and the file run in llama.cpp against the reference on the
+        file's own numbers."""
+        findings = []
+        try:
+            arch = self.check(model)
+        except UserError as exc:
+            findings.append(f"llama.cpp cannot compute this checkpoint faithfully: {exc}")
+            arch = gguf_arch.ARCHS[model.family].name
+        file_arch, fields = check.read_metadata(path)
+        if file_arch != arch:
+            return FileVerdict(path, findings + [f"the file's arch is {file_arch!r}, the "
+                                                 f"checkpoint's is {arch!r}"], None)
+        findings += check.metadata_mismatches(fields, arch, model)
+        planned = writer.plan(model, arch, f32=True)
+        findings += check.tensor_mismatches(path, planned)
+        ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
+        got = run_llama_cpp(path, ids)
+        verification = compare_with_reference("llama.cpp", got, model, ids,
+                                              FileNumerics(path, planned), device)
+        return FileVerdict(path, findings, verification)
 
     # ------------------------------------------------------------------ running it
     def launch_plan(self, plan: TypePlan, file_name: str, options) -> tuple[list[str], dict]:
