@@ -10,7 +10,7 @@ cost.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,11 @@ class VerifyResult:
     min_top1: float
     passed: bool
     tokens_over_tolerance: int = 0  # rounded exports may have a few (routing flips)
+    findings: list[str] = field(default_factory=list)  # the file's values or metadata that differ
+
+    def with_findings(self, findings: list[str]) -> "VerifyResult":
+        """This result, failed by what a check of the file's values and metadata found."""
+        return replace(self, findings=list(findings), passed=self.passed and not findings)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,10 +46,13 @@ class VerifyResult:
     def summary(self) -> str:
         flips = (f", {self.tokens_over_tolerance} token(s) over it"
                  if self.tokens_over_tolerance else "")
+        found = (f"; {len(self.findings)} finding(s), first: {self.findings[0]}"
+                 if self.findings else "")
         return (f"{self.runtime}: max|Δlogit| {self.max_abs_diff:.3g} (tolerance "
                 f"{self.tolerance:.3g}{flips}), top-1 agreement {self.top1_agreement:.1%} over "
                 f"{self.n_tokens} tokens; vs float model: max|Δ| {self.max_abs_diff_float:.3g}, "
-                f"top-1 {self.top1_agreement_float:.1%} — {'PASS' if self.passed else 'FAIL'}")
+                f"top-1 {self.top1_agreement_float:.1%}{found} — "
+                f"{'PASS' if self.passed else 'FAIL'}")
 
 
 def fixed_tokens(vocab: int, n: int = N_TOKENS, seed: int = 0) -> list[int]:

@@ -277,8 +277,8 @@ class GGUFTarget(Target):
         dat_tmp = temp_path(dat)
         try:
             try:
-                result = writer.export(model, tmp, arch, importance[0] if importance else None,
-                                       progress=progress)
+                writer.export(model, tmp, arch, importance[0] if importance else None,
+                              progress=progress)
                 if importance:
                     imatrix_dat.write_dat(dat_tmp, *importance)
             except OSError as exc:
@@ -287,10 +287,8 @@ class GGUFTarget(Target):
             verification = None
             if verify:
                 log.info("verifying %s in llama.cpp against the reference executor", out.name)
-                ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
-                got = run_llama_cpp(tmp, ids)
-                verification = compare_with_reference(
-                    "llama.cpp", got, model, ids, FileNumerics(tmp, result.tensors), device)
+                findings, verification = self._verify(tmp, model, arch, device)
+                verification = verification.with_findings(findings)
             final = out if verification is None or verification.passed else failed_name(out)
             files = [final]
             if importance:
@@ -337,14 +335,21 @@ class GGUFTarget(Target):
         if file_arch != arch:
             return FileVerdict(path, findings + [f"the file's arch is {file_arch!r}, the "
                                                  f"checkpoint's is {arch!r}"], None)
-        findings += check.metadata_mismatches(fields, arch, model)
+        more, verification = self._verify(path, model, arch, device, fields)
+        return FileVerdict(path, findings + more, verification)
+
+    def _verify(self, path: Path, model: ir.Model, arch: str, device: str | None,
+                fields: dict | None = None):
+        """(what differs from the checkpoint in the file's metadata and values, the file run
+        in llama.cpp against the reference on its own numbers)."""
+        fields = check.read_metadata(path)[1] if fields is None else fields
         planned = writer.plan(model, arch, f32=True)
+        findings = check.metadata_mismatches(fields, arch, model)
         findings += check.tensor_mismatches(path, planned)
         ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
         got = run_llama_cpp(path, ids)
-        verification = compare_with_reference("llama.cpp", got, model, ids,
-                                              FileNumerics(path, planned), device)
-        return FileVerdict(path, findings, verification)
+        return findings, compare_with_reference("llama.cpp", got, model, ids,
+                                                FileNumerics(path, planned), device)
 
     # ------------------------------------------------------------------ running it
     def launch_plan(self, plan: TypePlan, file_name: str, options) -> tuple[list[str], dict]:
