@@ -26,6 +26,7 @@ from moecompile.analysis.observers import SimilarityObserver
 from moecompile.analysis.similarity import similarities
 from moecompile.errors import UserError
 from moecompile.runtime.executor import ReferenceExecutor
+from moecompile.runtime.resume import resume_for
 from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .base import Pass, PassContext, PassResult
@@ -93,14 +94,15 @@ class _Drop(Pass):
         per candidate and is not measured here."""
         observer = SimilarityObserver(model)
         before = StreamingFitness(calib)
-        StreamingExecutor(model, ctx.device, observer=observer).run(calib.ids, calib.mask,
-                                                                    before.consume)
+        StreamingExecutor(model, ctx.device, observer=observer).run(
+            calib.ids, calib.mask, before.consume, resume_for(model, calib, "similarity"))
         block_sim, layer_sim = observer.similarities()
         sims = block_sim if self.kind == "blocks" else layer_sim
         chosen = sorted(sorted(candidates, key=lambda i: (-sims[i], i))[:self.m])
         trimmed = self.apply(model, chosen)
         after = StreamingFitness(calib, before if calib.kind == "text" else None)
-        StreamingExecutor(trimmed, ctx.device).run(calib.ids, calib.mask, after.consume)
+        StreamingExecutor(trimmed, ctx.device).run(calib.ids, calib.mask, after.consume,
+                                                   resume_for(trimmed, calib, "fitness"))
         report.update({
             "calib": calib.spec,
             "dropped": chosen,

@@ -24,6 +24,7 @@ from moecompile.analysis.expert_plan import apply_plans, moe_layers
 from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
 from moecompile.analysis.observers import RouterObserver
 from moecompile.errors import UserError
+from moecompile.runtime.resume import resume_for
 from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .base import Pass, PassContext, PassResult
@@ -112,13 +113,14 @@ class PruneExperts(Pass):
         calib = ctx.calibration(model, "--experts")
         router = RouterObserver()
         original = StreamingFitness(calib)
-        StreamingExecutor(model, ctx.device, observer=router).run(calib.ids, calib.mask,
-                                                                  original.consume)
+        StreamingExecutor(model, ctx.device, observer=router).run(
+            calib.ids, calib.mask, original.consume, resume_for(model, calib, "router"))
         plans = baselines.choose(self.method, model, baselines.stats_from(router), self.n_keep,
                                  ctx.seed, ctx.device)
         pruned = apply_plans(model, plans, router_mode=self.router_mode)
         after = StreamingFitness(calib, original if calib.kind == "text" else None)
-        StreamingExecutor(pruned, ctx.device).run(calib.ids, calib.mask, after.consume)
+        StreamingExecutor(pruned, ctx.device).run(calib.ids, calib.mask, after.consume,
+                                                  resume_for(pruned, calib, "fitness"))
         layers = moe_layers(model)
         report = {"pass": self.name, "method": self.method, "experts": self.n_keep,
                   "experts_before": n_experts, "calib": calib.spec,

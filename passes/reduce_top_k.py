@@ -24,6 +24,7 @@ from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
 from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
 from moecompile.errors import UserError
+from moecompile.runtime.resume import resume_for
 from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .base import Pass, PassContext, PassResult
@@ -101,9 +102,11 @@ class ReduceTopK(Pass):
             raise UserError("--topk-method search runs the model once per candidate and does "
                             "not run at this size yet; use --topk-method plain")
         before = StreamingFitness(calib)
-        StreamingExecutor(model, ctx.device).run(calib.ids, calib.mask, before.consume)
+        StreamingExecutor(model, ctx.device).run(calib.ids, calib.mask, before.consume,
+                                                 resume_for(model, calib, "fitness"))
         after = StreamingFitness(calib, before if calib.kind == "text" else None)
-        StreamingExecutor(plain, ctx.device).run(calib.ids, calib.mask, after.consume)
+        StreamingExecutor(plain, ctx.device).run(calib.ids, calib.mask, after.consume,
+                                                 resume_for(plain, calib, "fitness"))
         report.update({"fitness_before": round(before.value(), 6),
                        "fitness_plain": round(after.value(), 6),
                        "fitness": round(after.value(), 6), "executor": "streaming",

@@ -18,6 +18,7 @@ import torch
 
 from moecompile import ir
 from moecompile.runtime.executor import InputHook, ReferenceExecutor
+from moecompile.runtime.resume import resume_for
 from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .calibration import CalibSet
@@ -67,6 +68,7 @@ def collect_streaming(model: ir.Model, calib: CalibSet, paths: set[str],
     from .observers import ImportanceObserver
 
     observer = ImportanceObserver(paths)
-    StreamingExecutor(model, device, observer=observer).run(calib.ids, calib.mask,
-                                                           head=lambda rows, logits: None)
+    StreamingExecutor(model, device, observer=observer).run(
+        calib.ids, calib.mask, head=lambda rows, logits: None,
+        resume=resume_for(model, calib, "importance", sorted(paths)))
     return Importance(observer.sums, observer.counts, calib.n_examples, observer.topped_up)
