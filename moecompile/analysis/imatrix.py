@@ -31,6 +31,18 @@ class Importance:
     sequences: int = 0
     topped_up: dict[str, int] = field(default_factory=dict)  # path -> tokens of a top-up
 
+    def coverage(self, paths: set[str], min_tokens: int = 64) -> dict:
+        """Of the experts among `paths`, those fewer than `min_tokens` calibration tokens
+        reached before any top-up (path prefix -> tokens), and which were topped up."""
+        rare = {}
+        for path in sorted(paths):
+            if ".experts." in path and path.endswith(".gate"):
+                routed = self.counts.get(path, 0) - self.topped_up.get(path, 0)
+                if routed < min_tokens:
+                    rare[path.removesuffix(".gate")] = routed
+        topped = sorted(p.removesuffix(".gate") for p in self.topped_up if p.endswith(".gate"))
+        return {"min_tokens": min_tokens, "rare_experts": rare, "topped_up": topped}
+
     def mean(self, path: str) -> np.ndarray | None:
         """Mean squared input per column of the weight at `path` (None: never reached)."""
         if not self.counts.get(path):
