@@ -175,7 +175,8 @@ class GGUFTarget(Target):
             rare = importance[2]["rare_experts"]
             if rare:
                 how = ("topped up with the tokens of their highest router logits"
-                       if importance[2]["topped_up"] else "given uniform importance")
+                       if importance[2]["topped_up"] else
+                       f"{sum(n == 0 for n in rare.values())} by none (uniform importance)")
                 lines.append(f"importance matrix: {len(rare)} expert(s) reached by fewer than "
                              f"{importance[2]['min_tokens']} calibration tokens, {how}")
         typed = typed.with_history(types_entry(self.name, method, label, typed))
