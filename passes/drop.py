@@ -94,7 +94,8 @@ class _Drop(Pass):
         per candidate and is not measured here."""
         observer = SimilarityObserver(model)
         before = StreamingFitness(calib)
-        StreamingExecutor(model, ctx.device, observer=observer).run(
+        StreamingExecutor(model, ctx.device, observer=observer,
+                          progress="similarities" if ctx.progress else None).run(
             calib.ids, calib.mask, before.consume, resume_for(model, calib, "similarity"))
         block_sim, layer_sim = observer.similarities()
         sims = block_sim if self.kind == "blocks" else layer_sim

@@ -113,13 +113,15 @@ class PruneExperts(Pass):
         calib = ctx.calibration(model, "--experts")
         router = RouterObserver()
         original = StreamingFitness(calib)
-        StreamingExecutor(model, ctx.device, observer=router).run(
+        StreamingExecutor(model, ctx.device, observer=router,
+                          progress="router statistics" if ctx.progress else None).run(
             calib.ids, calib.mask, original.consume, resume_for(model, calib, "router"))
         plans = baselines.choose(self.method, model, baselines.stats_from(router), self.n_keep,
                                  ctx.seed, ctx.device)
         pruned = apply_plans(model, plans, router_mode=self.router_mode)
         after = StreamingFitness(calib, original if calib.kind == "text" else None)
-        StreamingExecutor(pruned, ctx.device).run(calib.ids, calib.mask, after.consume,
+        StreamingExecutor(pruned, ctx.device, progress="pruned model's fitness"
+                          if ctx.progress else None).run(calib.ids, calib.mask, after.consume,
                                                   resume_for(pruned, calib, "fitness"))
         layers = moe_layers(model)
         report = {"pass": self.name, "method": self.method, "experts": self.n_keep,

@@ -51,13 +51,14 @@ class Importance:
 
 
 @torch.no_grad()
-def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu") -> Importance:
+def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu",
+            progress: bool = False) -> Importance:
     """Importance of the weights at `paths`: for a model too large to hold as float32, in one
     layer-major pass (with rarely routed experts topped up, runtime/streaming.py); otherwise
     one calibration sequence at a time through the token-major executor. Padding never
     counts."""
     if streams(model):
-        return collect_streaming(model, calib, paths, device)
+        return collect_streaming(model, calib, paths, device, progress)
     out = Importance(sequences=calib.n_examples)
 
     def record(path: str, x: torch.Tensor) -> None:
@@ -75,12 +76,13 @@ def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cp
 
 @torch.no_grad()
 def collect_streaming(model: ir.Model, calib: CalibSet, paths: set[str],
-                      device: str = "cpu") -> Importance:
+                      device: str = "cpu", progress: bool = False) -> Importance:
     """`collect` in one layer-major pass over the whole calibration batch."""
     from .observers import ImportanceObserver
 
     observer = ImportanceObserver(paths)
-    StreamingExecutor(model, device, observer=observer).run(
+    StreamingExecutor(model, device, observer=observer,
+                      progress="importance matrix" if progress else None).run(
         calib.ids, calib.mask, head=lambda rows, logits: None,
         resume=resume_for(model, calib, "importance", sorted(paths)))
     return Importance(observer.sums, observer.counts, calib.n_examples, observer.topped_up)

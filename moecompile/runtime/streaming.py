@@ -30,6 +30,7 @@ import os
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from .. import ir
 from .executor import Numerics, ReferenceExecutor, SourceNumerics, rms_norm
@@ -106,7 +107,8 @@ class _Observed:
 class StreamingExecutor(ReferenceExecutor):
     def __init__(self, model: ir.Model, device: str | None = None,
                  numerics: Numerics | None = None, observer: Observer | None = None,
-                 sequence_batch: int = SEQUENCE_BATCH, prefetch: bool = True):
+                 sequence_batch: int = SEQUENCE_BATCH, prefetch: bool = True,
+                 progress: str | None = None):
         super().__init__(model, device, numerics or SourceNumerics())
         self.observer = observer or Observer()
         if observer is not None:
@@ -114,6 +116,7 @@ class StreamingExecutor(ReferenceExecutor):
             observer.attach(self)
         self.sequence_batch = sequence_batch
         self.prefetch = prefetch
+        self.progress = progress  # a description shows a progress bar over the blocks
         self.real_rows: torch.Tensor | None = None  # which rows of a matmul input are real
         self.blocks_run = 0  # blocks computed by this executor (a resumed pass skips some)
 
@@ -175,6 +178,8 @@ class StreamingExecutor(ReferenceExecutor):
             h, start = saved["h"].to(self.device), saved["next"]
             self.observer.load_state(saved["observer"])
         b = self.sequence_batch
+        bar = tqdm(total=len(self.model.blocks), initial=start, desc=self.progress, unit="block",
+                   disable=self.progress is None)
         for i in range(start, len(self.model.blocks)):
             self.advise(i + 1)
             h_in = h[real]
@@ -189,8 +194,10 @@ class StreamingExecutor(ReferenceExecutor):
             self.observer.block(i, h_in, h_mid, h_out)
             self.release()
             self.blocks_run += 1
+            bar.update(1)
             if resume is not None:
                 resume.save({"h": h.cpu(), "next": i + 1, "observer": self.observer.state()})
+        bar.close()
         if head is not None:
             rows = real.reshape(-1).nonzero(as_tuple=True)[0]
             flat = h.reshape(-1, h.shape[-1])
