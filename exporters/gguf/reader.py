@@ -20,7 +20,7 @@ import torch
 from moecompile import ir
 
 from . import ggml
-from .numerics import kernel_input
+from .numerics import kernel_input, rms_norm, rope_tables
 from .types import Q
 
 
@@ -71,6 +71,10 @@ class FileNumerics:
 
     def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
         return kernel_input(self.types.get(path), x)
+
+    # ggml's own arithmetic where it differs from torch's in more than summation order
+    rms_norm = staticmethod(rms_norm)
+    rope_tables = staticmethod(rope_tables)
 
 
 def _undo(transform, value: np.ndarray) -> np.ndarray:

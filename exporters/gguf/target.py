@@ -25,7 +25,7 @@ from moecompile.errors import UserError
 from moecompile.runtime.llama_worker import run_llama_cpp
 from moecompile.runtime.streaming import streams
 from moecompile.sizes import format_size, parse_size
-from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
+from moecompile.verify import compare_with_reference, verification_tokens
 
 from ..quant_map import match_rules, read_rules
 from ..target import (BudgetUnreachable, Committed, FileVerdict, Target, TypePlan, TypeRequest,
@@ -355,9 +355,9 @@ class GGUFTarget(Target):
         planned = writer.plan(model, arch, f32=True)
         findings = check.metadata_mismatches(fields, arch, model)
         findings += check.tensor_mismatches(path, planned)
-        ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
-        got = run_llama_cpp(path, ids)
-        return findings, compare_with_reference("llama.cpp", got, model, ids,
+        tokens = verification_tokens(model)
+        got = run_llama_cpp(path, tokens.tolist())
+        return findings, compare_with_reference("llama.cpp", got, model, tokens,
                                                 FileNumerics(path, planned), device)
 
     # ------------------------------------------------------------------ running it

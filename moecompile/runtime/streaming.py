@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .. import ir
-from .executor import Numerics, ReferenceExecutor, SourceNumerics, rms_norm
+from .executor import Numerics, ReferenceExecutor, SourceNumerics
 from .resume import Resume
 
 SEQUENCE_BATCH = 8  # sequences per attention batch
@@ -53,9 +53,12 @@ def streams(model: ir.Model) -> bool:
     return float32_bytes(model) > STREAM_ABOVE
 
 
-def executor_for(model: ir.Model, device: str | None = None, numerics: Numerics | None = None):
+def executor_for(model: ir.Model, device: str | None = None, numerics: Numerics | None = None,
+                 jitter: tuple[float, int] | None = None):
     """The token-major executor for a model that fits comfortably, else the streaming one."""
-    return (StreamingExecutor if streams(model) else ReferenceExecutor)(model, device, numerics)
+    if streams(model):
+        return StreamingExecutor(model, device, numerics, jitter=jitter)
+    return ReferenceExecutor(model, device, numerics, jitter)
 
 
 class Observer:
@@ -108,8 +111,8 @@ class StreamingExecutor(ReferenceExecutor):
     def __init__(self, model: ir.Model, device: str | None = None,
                  numerics: Numerics | None = None, observer: Observer | None = None,
                  sequence_batch: int = SEQUENCE_BATCH, prefetch: bool = True,
-                 progress: str | None = None):
-        super().__init__(model, device, numerics or SourceNumerics())
+                 progress: str | None = None, jitter: tuple[float, int] | None = None):
+        super().__init__(model, device, numerics or SourceNumerics(), jitter)
         self.observer = observer or Observer()
         if observer is not None:
             self.numerics = _Observed(self.numerics, self)
@@ -203,7 +206,7 @@ class StreamingExecutor(ReferenceExecutor):
             flat = h.reshape(-1, h.shape[-1])
             for start in range(0, len(rows), HEAD_ROWS):
                 chunk = rows[start:start + HEAD_ROWS]
-                normed = rms_norm(flat[chunk], self.w("final_norm"), self.model.norm_eps)
+                normed = self.norm(flat[chunk], "final_norm")
                 head(chunk, self.linear(normed, "lm_head"))
             self.release()
         if resume is not None:
