@@ -222,21 +222,28 @@ class GGUFTarget(Target):
         else:
             sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
                                        ctx.device, ctx.progress)
-        group_types, total, predicted = allocate.choose(
-            sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
-            request.budget - fixed)
+        size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
+        if local:
+            def measure(mix: dict[str, str]) -> float:
+                chosen = {p: mix[g] for g, paths in units.items() for p in paths}
+                with rounding(None, chosen) as value:
+                    return check(set(chosen), value)
+
+            group_types, total, predicted, measured, tried = allocate.choose_measured(
+                sens, size, unquantized, request.budget - fixed,
+                lambda g: g.endswith("_exps"), measure)
+        else:
+            group_types, total, predicted = allocate.choose(sens, size, unquantized,
+                                                            request.budget - fixed)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens}
         line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
                 f"predicted KL {predicted:.4f}")
         if local:
-            chosen = {p: group_types[g] for g, paths in units.items() for p in paths}
-            with rounding(None, chosen) as value:
-                quant["measured_kl"] = check(set(chosen), value)
-            quant["sensitivity_method"] = info
-            line += (f", measured {quant['measured_kl']:.4f} end to end (layer-local "
-                     f"sensitivity on {info['tokens']} tokens)")
+            quant.update(measured_kl=measured, mixes_measured=tried, sensitivity_method=info)
+            line += (f", measured {measured:.4f} end to end (layer-local sensitivity on "
+                     f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
         return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
 
     def _rounding(self, model: ir.Model, importance: dict | None):

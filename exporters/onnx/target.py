@@ -207,19 +207,30 @@ class ONNXTarget(Target):
             measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
                                            ctx.device, ctx.progress)
         sens = {u: {"f32": 0.0, **measured[u]} for u in units}
-        unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
-                                                       request.budget - kv)
-        chosen = {p: kind for u, kind in unit_types.items() if kind != "f32" for p in units[u]}
+
+        def typed(unit_types: dict[str, str]) -> dict[str, str]:
+            return {p: kind for u, kind in unit_types.items() if kind != "f32" for p in units[u]}
+
+        if local:
+            def measure(unit_types: dict[str, str]) -> float:
+                with rounded(None, typed(unit_types)) as value:
+                    return check(set(typed(unit_types)), value)
+
+            unit_types, total, predicted, measured_kl, tried = allocate.choose_measured(
+                sens, unit_bytes, fixed, request.budget - kv, lambda u: ".experts." in u,
+                measure)
+        else:
+            unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
+                                                           request.budget - kv)
+        chosen = typed(unit_types)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "units": unit_types, "sensitivity": sens}
         line = (f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
                 f"KL {predicted:.4f}")
         if local:
-            with rounded(None, chosen) as value:
-                quant["measured_kl"] = check(set(chosen), value)
-            quant["sensitivity_method"] = info
-            line += (f", measured {quant['measured_kl']:.4f} end to end (layer-local "
-                     f"sensitivity on {info['tokens']} tokens)")
+            quant.update(measured_kl=measured_kl, mixes_measured=tried, sensitivity_method=info)
+            line += (f", measured {measured_kl:.4f} end to end (layer-local sensitivity on "
+                     f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
         return chosen, quant, [line] + type_table(unit_types, _unit_kind)
 
     # ------------------------------------------------------------------ commit
