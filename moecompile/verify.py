@@ -173,15 +173,21 @@ def decide(name: str, got: np.ndarray, same: np.ndarray, nulls: list[np.ndarray]
         max_abs_diff=float(np.abs(flat_got - flat_same).max()))
 
 
-def compare_with_reference(name: str, got: np.ndarray, model: ir.Model, tokens: np.ndarray,
-                           numerics, device: str | None,
-                           also: dict[str, np.ndarray] | None = None) -> VerifyResult:
-    """`decide` on a runtime's logits (B, T, V) for `tokens` (B, T), against the reference on
-    the file's numerics and its nulls; layer-major for a model too large to hold as float32, so
-    memory follows one expert, not the model. `also`: other ways the runtime computed the same
-    tokens (label -> logits, e.g. through its KV cache), judged by the same rule; the first
-    that fails is the verdict. The float model's logits are computed for the report only where
-    that is cheap (a model that streams would be read once more for them)."""
+@dataclass
+class References:
+    """The reference's logits for the verification input on a file's numerics, its nulls, and
+    (for the report, where cheap) the float model's."""
+
+    same: np.ndarray
+    nulls: list[np.ndarray]
+    floating: np.ndarray | None
+
+
+def references(model: ir.Model, tokens: np.ndarray, numerics, device: str | None) -> References:
+    """The reference on the file's numerics and its nulls for `tokens` (B, T); layer-major for
+    a model too large to hold as float32, so memory follows one expert, not the model. The
+    float model is computed only where that is cheap (a model that streams would be read once
+    more for it)."""
     ids = torch.as_tensor(np.asarray(tokens))
 
     def logits(numerics=None, jitter=None) -> np.ndarray:
@@ -189,10 +195,25 @@ def compare_with_reference(name: str, got: np.ndarray, model: ir.Model, tokens: 
 
     same = logits(numerics)
     nulls = [logits(numerics, (NULL_SIGMA, seed)) for seed in NULL_SEEDS]
-    floating = same if numerics.exact else None if streams(model) else logits()
-    result = decide(name, got, same, nulls, floating)
+    return References(same, nulls, same if numerics.exact else None if streams(model)
+                      else logits())
+
+
+def judge(name: str, got: np.ndarray, refs: References,
+          also: dict[str, np.ndarray] | None = None) -> VerifyResult:
+    """`decide` on a runtime's logits (B, T, V); `also`: other ways the runtime computed the
+    same tokens (label -> logits, e.g. through its KV cache), judged by the same rule: the first
+    that fails is the verdict."""
+    result = decide(name, got, refs.same, refs.nulls, refs.floating)
     for label, other in (also or {}).items():
-        more = decide(name, other, same, nulls, floating)
+        more = decide(name, other, refs.same, refs.nulls, refs.floating)
         if result.passed and not more.passed:
             return replace(more, reason=f"{label}: {more.reason}")
     return result
+
+
+def compare_with_reference(name: str, got: np.ndarray, model: ir.Model, tokens: np.ndarray,
+                           numerics, device: str | None,
+                           also: dict[str, np.ndarray] | None = None) -> VerifyResult:
+    """`judge` a runtime's logits for `tokens` against the `references` on `numerics`."""
+    return judge(name, got, references(model, tokens, numerics, device), also)
