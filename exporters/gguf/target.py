@@ -180,7 +180,7 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "the importance matrix")
         quantizable = self.quantizable(model)
         paths = {p for t in quantizable for p in t.paths}
-        found = imatrix.collect(model, calib, paths, ctx.device)
+        found = imatrix.collect(model, calib, paths, ctx.device, ctx.engine)
         return imatrix_dat.by_tensor(quantizable, found), found.sequences
 
     def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):

@@ -38,13 +38,14 @@ class Importance:
 
 
 @torch.no_grad()
-def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu") -> Importance:
+def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu",
+            engine=None) -> Importance:
     """Importance of the weights at `paths`: for a model too large to hold as float32, in one
-    layer-major pass (with rarely routed experts topped up, runtime/streaming.py); otherwise
-    one calibration sequence at a time through the token-major executor. Padding never
-    counts."""
+    layer-major pass (with rarely routed experts topped up, runtime/streaming.py; its shards
+    on the engine's workers); otherwise one calibration sequence at a time through the
+    token-major executor. Padding never counts."""
     if streams(model):
-        return collect_streaming(model, calib, paths, device)
+        return collect_streaming(model, calib, paths, device, engine)
     out = Importance(sequences=calib.n_examples)
 
     def record(path: str, x: torch.Tensor) -> None:
@@ -62,11 +63,15 @@ def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cp
 
 @torch.no_grad()
 def collect_streaming(model: ir.Model, calib: CalibSet, paths: set[str],
-                      device: str = "cpu") -> Importance:
-    """`collect` in one layer-major pass over the whole calibration batch."""
+                      device: str = "cpu", engine=None) -> Importance:
+    """`collect` in one layer-major pass over the whole calibration batch, split into token
+    shards over the engine's workers (analysis/shards.py; default: this process, one shard)."""
+    from moecompile.distributed.engine import Engine
+
     from .observers import ImportanceObserver
+    from .shards import stream
 
     observer = ImportanceObserver(paths)
-    StreamingExecutor(model, device, observer=observer).run(calib.ids, calib.mask,
-                                                           head=lambda rows, logits: None)
+    stream(engine or Engine(device), model, calib, observer)
+    observer.top_up(StreamingExecutor(model, device))
     return Importance(observer.sums, observer.counts, calib.n_examples, observer.topped_up)
