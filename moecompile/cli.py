@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moecompile: verification failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("moecompile: interrupted; nothing was written", file=sys.stderr)
+        print("moecompile: interrupted; nothing was written (a long layer-major pass keeps its "
+              "progress: the same command resumes it)", file=sys.stderr)
         return 130
     except OSError as exc:  # a path the user gave cannot be read or written
         if args.debug:

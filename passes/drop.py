@@ -94,13 +94,15 @@ class _Drop(Pass):
         per candidate and is not measured here."""
         # both passes split the calibration examples over the engine's workers
         observer, before = stream(ctx.engine, model, calib, SimilarityObserver(model),
-                                  StreamingFitness(calib))
+                                  StreamingFitness(calib), what=("similarity",),
+                                  progress="similarities" if ctx.progress else None)
         block_sim, layer_sim = observer.similarities()
         sims = block_sim if self.kind == "blocks" else layer_sim
         chosen = sorted(sorted(candidates, key=lambda i: (-sims[i], i))[:self.m])
         trimmed = self.apply(model, chosen)
         _, after = stream(ctx.engine, trimmed, calib, None,
-                          StreamingFitness(calib, before if calib.kind == "text" else None))
+                          StreamingFitness(calib, before if calib.kind == "text" else None),
+                          what=("fitness",))
         report.update({
             "calib": calib.spec,
             "dropped": chosen,

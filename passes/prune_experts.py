@@ -117,12 +117,15 @@ class PruneExperts(Pass):
         calib = ctx.calibration(model, "--experts")
         # both passes split the calibration examples over the engine's workers
         router, original = stream(ctx.engine, model, calib, RouterObserver(),
-                                  StreamingFitness(calib))
+                                  StreamingFitness(calib), what=("router",),
+                                  progress="router statistics" if ctx.progress else None)
         plans = baselines.choose(self.method, model, baselines.stats_from(router), self.n_keep,
                                  ctx.seed, ctx.device)
         pruned = apply_plans(model, plans, router_mode=self.router_mode)
         _, after = stream(ctx.engine, pruned, calib, None,
-                          StreamingFitness(calib, original if calib.kind == "text" else None))
+                          StreamingFitness(calib, original if calib.kind == "text" else None),
+                          what=("fitness",),
+                          progress="pruned model's fitness" if ctx.progress else None)
         layers = moe_layers(model)
         report = {"pass": self.name, "method": self.method, "experts": self.n_keep,
                   "experts_before": n_experts, "calib": calib.spec,

@@ -109,9 +109,11 @@ class ReduceTopK(Pass):
         if self.method == "search":
             raise UserError("--topk-method search runs the model once per candidate and does "
                             "not run at this size yet; use --topk-method plain")
-        _, before = stream(ctx.engine, model, calib, None, StreamingFitness(calib))
+        _, before = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
+                           what=("fitness",))
         _, after = stream(ctx.engine, plain, calib, None,
-                          StreamingFitness(calib, before if calib.kind == "text" else None))
+                          StreamingFitness(calib, before if calib.kind == "text" else None),
+                          what=("fitness",))
         report.update({"fitness_before": round(before.value(), 6),
                        "fitness_plain": round(after.value(), 6),
                        "fitness": round(after.value(), 6), "executor": "streaming",

@@ -170,6 +170,15 @@ class GGUFTarget(Target):
                                 "leave out the type flags to let --budget choose")
         if by_tensor is not None and importance is None and ctx.has_calibration:
             importance = self.importance(model, ctx)
+        if importance is not None:
+            report["importance_coverage"] = importance[2]
+            rare = importance[2]["rare_experts"]
+            if rare:
+                how = ("topped up with the tokens of their highest router logits"
+                       if importance[2]["topped_up"] else
+                       f"{sum(n == 0 for n in rare.values())} by none (uniform importance)")
+                lines.append(f"importance matrix: {len(rare)} expert(s) reached by fewer than "
+                             f"{importance[2]['min_tokens']} calibration tokens, {how}")
         typed = typed.with_history(types_entry(self.name, method, label, typed))
         return TypePlan(typed, label, weights, report, lines,
                         {"dtype": label if by_tensor is None else "mixed",
@@ -180,8 +189,8 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "the importance matrix")
         quantizable = self.quantizable(model)
         paths = {p for t in quantizable for p in t.paths}
-        found = imatrix.collect(model, calib, paths, ctx.device, ctx.engine)
-        return imatrix_dat.by_tensor(quantizable, found), found.sequences
+        found = imatrix.collect(model, calib, paths, ctx.device, ctx.progress, ctx.engine)
+        return imatrix_dat.by_tensor(quantizable, found), found.sequences, found.coverage(paths)
 
     def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):
         """--quant auto: measured sensitivity, then the lowest predicted loss that fits. A
@@ -280,7 +289,7 @@ class GGUFTarget(Target):
                 writer.export(model, tmp, arch, importance[0] if importance else None,
                               progress=progress)
                 if importance:
-                    imatrix_dat.write_dat(dat_tmp, *importance)
+                    imatrix_dat.write_dat(dat_tmp, *importance[:2])
             except OSError as exc:
                 raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
             written = read_tensors(tmp)

@@ -180,8 +180,9 @@ def _add_hparams(w: gguf.GGUFWriter, model: ir.Model, arch: str, ftype: str) -> 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string("moecompile.source", model.source)
     w.add_string("moecompile.family", model.family)
-    if model.history:
-        w.add_string("moecompile.history", json.dumps(list(model.history)))
+    if model.history:  # without wall-clock times, so the same command writes the same bytes
+        w.add_string("moecompile.history", json.dumps(
+            [{k: v for k, v in entry.items() if k != "seconds"} for entry in model.history]))
 
 
 # ------------------------------------------------------------------------------ writing

@@ -56,6 +56,13 @@ class Observers(Observer):
             mine.merge(theirs)
         return self
 
+    def state(self) -> dict:
+        return {"observers": [o.state() for o in self.observers]}
+
+    def load_state(self, state: dict) -> None:
+        for o, s in zip(self.observers, state["observers"]):
+            o.load_state(s)
+
 
 def _add(into: dict, key, value) -> None:
     into[key] = into[key] + value if key in into else value

@@ -131,12 +131,12 @@ class StreamingKL:
 
 
 def streaming_kl(model: ir.Model, ids, mask, reference: StreamingKL, numerics=None,
-                 device: str = "cpu") -> float:
+                 device: str = "cpu", progress: str | None = None) -> float:
     """One layer-major pass of the model on `numerics`, scored against `reference`."""
     from moecompile.runtime.streaming import StreamingExecutor
 
     kl = StreamingKL(reference)
-    StreamingExecutor(model, device, numerics).run(ids, mask, kl.consume)
+    StreamingExecutor(model, device, numerics, progress=progress).run(ids, mask, kl.consume)
     return kl.value()
 
 

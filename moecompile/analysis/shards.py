@@ -36,12 +36,18 @@ def split(calib: CalibSet, n: int) -> list[list[int]]:
 
 
 def stream(engine, model: ir.Model, calib: CalibSet, observer=None,
-           fitness: StreamingFitness | None = None, numerics=None, shards: int | None = None):
+           fitness: StreamingFitness | None = None, numerics=None, shards: int | None = None,
+           what: tuple | None = None, progress: str | None = None):
     """Run `model` over `calib` layer-major on the engine's workers, feeding `observer`
     (its `merge` combines shards) and `fitness` (the head's logits); both are filled in
-    place and returned. `shards`: how many (default: one per worker)."""
+    place and returned. `shards`: how many (default: one per worker). `what` names the pass
+    for resuming (runtime/resume.py): each shard saves its progress after every block under a
+    key of its own tokens, so the same command resumes each shard where it stopped (with one
+    shard, the key of the unsharded pass). `progress`: a bar over the blocks, shown by a shard
+    run in this process (a Ray worker's output is not forwarded)."""
     shards = split(calib, shards or engine.workers)
-    parts = engine.map(_run_shard, (model, calib, observer, fitness, numerics), shards)
+    parts = engine.map(_run_shard, (model, calib, observer, fitness, numerics, what, progress),
+                       shards)
     for part_observer, part_fitness in parts:
         if observer is not None:
             observer.merge(part_observer)
@@ -56,13 +62,16 @@ def _run_shard(shared, rows: list[int], device: str):
     detached from the executor so they travel back."""
     from moecompile.runtime.streaming import StreamingExecutor
 
-    model, calib, observer, fitness, numerics = shared
+    from moecompile.runtime.resume import resume_for
+
+    model, calib, observer, fitness, numerics, what, progress = shared
     observer = copy.deepcopy(observer) if observer is not None else None
     part = fitness.part(rows) if fitness is not None else None
     sub = calib.subset(rows)
+    resume = resume_for(model, sub, *what) if what is not None else None
     # the head runs even for observers alone: the output head's input is a matmul input too
-    StreamingExecutor(model, device, numerics, observer=observer).run(
-        sub.ids, sub.mask, part.consume if part is not None else lambda r, logits: None)
+    StreamingExecutor(model, device, numerics, observer=observer, progress=progress).run(
+        sub.ids, sub.mask, part.consume if part is not None else lambda r, logits: None, resume)
     if observer is not None:
         observer.attach(None)
     return observer, part

@@ -30,9 +30,11 @@ import os
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from .. import ir
 from .executor import Numerics, ReferenceExecutor, SourceNumerics, rms_norm
+from .resume import Resume
 
 SEQUENCE_BATCH = 8  # sequences per attention batch
 HEAD_ROWS = 2048  # tokens per output-head chunk (vocab x rows float32 logits at a time)
@@ -75,6 +77,15 @@ class Observer:
     def attach(self, executor: "StreamingExecutor") -> None:
         """The executor feeding this observer (for an observer that needs its weights)."""
 
+    def state(self) -> dict:
+        """What this observer has summed so far (to save a pass's progress)."""
+        return {k: v for k, v in vars(self).items() if k not in self.transient}
+
+    def load_state(self, state: dict) -> None:
+        vars(self).update(state)
+
+    transient = ("executor", "_layer", "observers")  # references, not sums
+
 
 class _Observed:
     """Numerics that show each matmul input of real tokens to an observer."""
@@ -96,7 +107,8 @@ class _Observed:
 class StreamingExecutor(ReferenceExecutor):
     def __init__(self, model: ir.Model, device: str | None = None,
                  numerics: Numerics | None = None, observer: Observer | None = None,
-                 sequence_batch: int = SEQUENCE_BATCH, prefetch: bool = True):
+                 sequence_batch: int = SEQUENCE_BATCH, prefetch: bool = True,
+                 progress: str | None = None):
         super().__init__(model, device, numerics or SourceNumerics())
         self.observer = observer or Observer()
         if observer is not None:
@@ -104,7 +116,9 @@ class StreamingExecutor(ReferenceExecutor):
             observer.attach(self)
         self.sequence_batch = sequence_batch
         self.prefetch = prefetch
+        self.progress = progress  # a description shows a progress bar over the blocks
         self.real_rows: torch.Tensor | None = None  # which rows of a matmul input are real
+        self.blocks_run = 0  # blocks computed by this executor (a resumed pass skips some)
 
     # ------------------------------------------------------------------ weights
     def w(self, path: str) -> torch.Tensor | None:
@@ -145,18 +159,28 @@ class StreamingExecutor(ReferenceExecutor):
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            head: Callable[[torch.Tensor, torch.Tensor], None] | None) -> torch.Tensor:
+            head: Callable[[torch.Tensor, torch.Tensor], None] | None,
+            resume: "Resume | None" = None) -> torch.Tensor:
         """Run the model over every sequence, block by block. `head(rows, logits)` receives
         the logits of real tokens in chunks (`rows`: their indices in the flattened (B*T)
-        batch); without it the head is not computed. Returns the final hidden states (B, T, D)."""
+        batch); without it the head is not computed. With `resume` (runtime/resume.py) the
+        state after each block is saved, and a saved state is continued from. Returns the
+        final hidden states (B, T, D)."""
         ids = torch.as_tensor(ids, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         h, mask, positions = self.embed(ids, attention_mask)
         real = (torch.ones(ids.shape, dtype=torch.bool, device=self.device)
                 if attention_mask is None else torch.as_tensor(attention_mask).bool().to(self.device))
         self.release()
+        start = 0
+        saved = resume.load() if resume is not None else None
+        if saved is not None:
+            h, start = saved["h"].to(self.device), saved["next"]
+            self.observer.load_state(saved["observer"])
         b = self.sequence_batch
-        for i in range(len(self.model.blocks)):
+        bar = tqdm(total=len(self.model.blocks), initial=start, desc=self.progress, unit="block",
+                   disable=self.progress is None)
+        for i in range(start, len(self.model.blocks)):
             self.advise(i + 1)
             h_in = h[real]
             for s in range(0, h.shape[0], b):
@@ -169,6 +193,11 @@ class StreamingExecutor(ReferenceExecutor):
             h[real] = h_out
             self.observer.block(i, h_in, h_mid, h_out)
             self.release()
+            self.blocks_run += 1
+            bar.update(1)
+            if resume is not None:
+                resume.save({"h": h.cpu(), "next": i + 1, "observer": self.observer.state()})
+        bar.close()
         if head is not None:
             rows = real.reshape(-1).nonzero(as_tuple=True)[0]
             flat = h.reshape(-1, h.shape[-1])
@@ -177,6 +206,8 @@ class StreamingExecutor(ReferenceExecutor):
                 normed = rms_norm(flat[chunk], self.w("final_norm"), self.model.norm_eps)
                 head(chunk, self.linear(normed, "lm_head"))
             self.release()
+        if resume is not None:
+            resume.done()
         return h
 
     def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

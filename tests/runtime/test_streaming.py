@@ -155,3 +155,40 @@ def test_peak_memory_follows_one_block_not_the_depth(tmp_path):
         peaks[layers] = int(proc.stdout.split()[-1])
     layer_f32 = 16 * 3 * 512 * 1024 * 4
     assert peaks[8] - peaks[1] < layer_f32 / 2, json.dumps(peaks)
+
+
+def test_an_interrupted_pass_resumes_at_the_first_unfinished_block(tiny_model, calib_of,
+                                                                   tmp_path, monkeypatch):
+    """Ctrl-C while block 2 is computed, then the same pass again: it starts at block 2 (0 and 1
+    had finished) and ends with the same sums as a pass never interrupted; its saved state is
+    gone once it completes."""
+    from moecompile.runtime.resume import ENV, cache_root, resume_for
+
+    monkeypatch.setenv(ENV, str(tmp_path / "resume"))
+    model = frontend.load(tiny_model("olmoe", num_hidden_layers=3))
+    calib = calib_of(model)
+    paths = {p for p, t in model.tensors() if len(t.shape) == 2}
+
+    class StopAfter(ImportanceObserver):
+        def block(self, block, h_in, h_mid, h_out):
+            super().block(block, h_in, h_mid, h_out)
+            if block == 2:
+                raise KeyboardInterrupt
+
+    whole = ImportanceObserver(paths)
+    StreamingExecutor(model, "cpu", observer=whole).run(calib.ids, calib.mask, None)
+    with pytest.raises(KeyboardInterrupt):
+        StreamingExecutor(model, "cpu", observer=StopAfter(paths)).run(
+            calib.ids, calib.mask, None, resume_for(model, calib, "test"))
+    assert list(cache_root().iterdir())  # progress kept
+    again = ImportanceObserver(paths)
+    ex = StreamingExecutor(model, "cpu", observer=again)
+    ex.run(calib.ids, calib.mask, None, resume_for(model, calib, "test"))
+    assert ex.blocks_run == 1  # blocks 0 and 1 were not redone
+    assert again.counts == whole.counts
+    for path, value in whole.sums.items():
+        assert torch.equal(again.sums[path], value), path
+    assert not list(cache_root().iterdir())  # removed once complete
+    # another calibration set is another pass: nothing of this one is reused
+    other = build_calib(model, "sort", 2)
+    assert resume_for(model, other, "test").folder != resume_for(model, calib, "test").folder
