@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from moecompile import frontend
@@ -84,3 +85,20 @@ def test_a_worker_killed_mid_search_is_replaced_and_the_answer_is_the_same(
     assert ray_engine.replaced == replaced + 1
     assert ray_engine.retried >= 1
     assert victim not in ray_engine.worker_pids()
+
+
+def test_top_k_search_on_workers_equals_the_search_in_this_process(ray_engine, problem):
+    """--top-k's search scores its candidates through the same engine: the same report and
+    the same routers, whatever ran them."""
+    from moecompile.passes.base import apply
+    from moecompile.passes.reduce_top_k import ReduceTopK
+
+    model, calib, _ = problem
+    config = EEPConfig(evaluations=24, discrete_evals=8, max_init=4, batch=4, seed=1)
+    here, here_report = apply(ReduceTopK(1, "search", config), model, calib)
+    there, there_report = apply(ReduceTopK(1, "search", config), model, calib, engine=ray_engine)
+    for key in ("fitness_before", "fitness_plain", "fitness", "evaluations", "layers"):
+        assert there_report[key] == here_report[key], key
+    assert ray_engine.scorers[-1].evaluations >= 24  # scored on the workers
+    for (path, a), (_, b) in zip(here.tensors(), there.tensors()):
+        assert torch.equal(a.value(), b.value()), path
