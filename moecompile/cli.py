@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="examples per task, lines of a .jsonl or chunks of a .txt (32)")
     prune.add_argument("--search-budget", metavar="EVALS|TIME",
                        help="EEP search length: evaluations (default 400) or a time (90s, 5m)")
+    prune.add_argument("--search-batch", type=int, metavar="B",
+                       help="children the search makes from one archive state (default 8): "
+                            "how many candidates --ray workers score at once; the result is "
+                            "the same with and without --ray")
     prune.add_argument("--seed", type=int, default=0, help="seed of the search and of random")
     trim = p.add_argument_group("active experts and trimming (applied after --experts, in this order)")
     trim.add_argument("--top-k", type=int, metavar="K",
@@ -104,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip running the export in its runtime against the reference")
     p.add_argument("--device", default=None, help="torch device of the reference executor "
                    "(default: cuda when available, else cpu)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="spread calibration work (search candidates, token shards) over Ray "
+                        "workers: local:N (a cluster on this machine with N workers, for this "
+                        "run), auto (the cluster `ray start --head` runs here) or HOST:PORT "
+                        "(its head). Needs pip install 'moecompile[distributed]'")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"moecompile {__version__}")

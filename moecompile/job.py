@@ -20,6 +20,7 @@ from typing import Callable
 from . import __version__, frontend, ir
 from .analysis.calibration import CalibSet, build_calib
 from .analysis.eep import EEPConfig
+from .distributed.engine import open_engine
 from .errors import UserError
 from .tasks.calibration import DEFAULT
 from .exporters import target_for
@@ -58,7 +59,8 @@ def passes_for(options: Options, router_mode: str) -> list[Pass]:
     """The passes the flags ask for, in their documented order: --experts, --top-k,
     --drop-blocks, --drop-moe-layers (the Python API composes them in any order)."""
     evaluations, seconds = options.search_length
-    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
+    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed,
+                       batch=options.batch)
     out: list[Pass] = []
     if options.experts is not None:
         out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
@@ -77,15 +79,21 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
     options.validate()
     model = frontend.load(options.model)
     router_mode = "exact" if target.holds_router_map else "onehot"
-    ctx = PassContext(device=options.device or default_device(), seed=options.seed,
-                      progress=not options.quiet, calibrate=_calibrator(options, say),
-                      explicit=options.calib is not None)
-    model = _run_passes(model, passes_for(options, router_mode), ctx, say)
-    request = TypeRequest(dtype=options.dtype, quant=options.quant,
-                          quant_map=Path(options.quant_map) if options.quant_map else None,
-                          budget=options.budget_bytes, budget_text=options.budget, ctx=options.ctx,
-                          sensitivity=options.sensitivity)
-    plan = _choose_types(target, model, request, ctx, options, router_mode, say)
+    # the engine runs the calibration work (here, or on Ray workers); it is closed — a cluster
+    # it started shut down — before the file is written, and on any error or Ctrl-C
+    with open_engine(options.ray, options.device, say) as engine:
+        ctx = PassContext(device=options.device or default_device(), seed=options.seed,
+                          progress=not options.quiet, calibrate=_calibrator(options, say),
+                          explicit=options.calib is not None, engine=engine)
+        model = _run_passes(model, passes_for(options, router_mode), ctx, say)
+        request = TypeRequest(dtype=options.dtype, quant=options.quant,
+                              quant_map=Path(options.quant_map) if options.quant_map else None,
+                              budget=options.budget_bytes, budget_text=options.budget,
+                              ctx=options.ctx, sensitivity=options.sensitivity)
+        plan = _choose_types(target, model, request, ctx, options, router_mode, say)
+        engine_report = engine.report()
+    if options.ray:
+        say(_engine_line(engine_report))
     for line in plan.lines:
         say(line)
     if options.print_ir:
@@ -107,7 +115,8 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
         launch_report = {"calibration": {"spec": ctx.calib.spec, "kind": ctx.calib.kind,
                                          "examples": ctx.calib.n_examples,
                                          "tokens": ctx.calib.n_tokens,
-                                         "given": options.calib is not None}, **launch_report}
+                                         "given": options.calib is not None},
+                         "engine": engine_report, **launch_report}
     result = commit(target, plan, out, verify=not options.no_verify, device=options.device,
                     progress=not options.quiet, extra_report=launch_report, say=say)
     for line in launch_lines:
@@ -209,10 +218,19 @@ def _choose_types(target, model: ir.Model, request: TypeRequest, ctx: PassContex
         say(f"--allow-prune: pruning to {exc.experts} experts per layer to meet --budget "
             f"{options.budget}")
         evaluations, seconds = options.search_length
-        config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
+        config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed,
+                           batch=options.batch)
         prune = PruneExperts(exc.experts, options.prune_method, config, router_mode)
         model = _run_passes(model, [prune], ctx, say)
         return target.choose_types(model, request, ctx)
+
+
+def _engine_line(report: dict) -> str:
+    line = f"ray: {report['tasks']} shard task(s)"
+    if "candidates" in report:
+        line += f", {report['candidates']} candidates scored"
+    return (line + f" on {report['workers']} workers ({report['resent']} resent after a "
+            f"worker died, {report['replaced_workers']} workers replaced)")
 
 
 def _summary(committed: Committed, report_path: Path) -> list[str]:

@@ -14,6 +14,9 @@ from .errors import UserError
 from .sizes import parse_size
 
 DEFAULT_EVALUATIONS = 400  # EEP's search length (the released config's total_iter)
+# children EEP makes from one archive state: how many candidates workers can score at once
+# (analysis/eep.py `search`); the same with and without --ray, so both find the same
+DEFAULT_SEARCH_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Options:
     calib: str | None = None
     calib_n: int = 32
     search_budget: str | None = None
+    search_batch: int | None = None
     seed: int = 0
     top_k: int | None = None
     topk_method: str = "search"
@@ -45,6 +49,7 @@ class Options:
     drop_moe_layers: int = 0
     no_verify: bool = False
     device: str | None = None
+    ray: str | None = None
     quiet: bool = False
     debug: bool = False
 
@@ -70,6 +75,11 @@ class Options:
         return parse_search_budget(self.search_budget)
 
     @property
+    def batch(self) -> int:
+        """--search-batch, or its default."""
+        return DEFAULT_SEARCH_BATCH if self.search_batch is None else self.search_batch
+
+    @property
     def calibrated(self) -> bool:
         """Does some flag run the model on calibration data?"""
         return bool(self.searched or self.drop_blocks or self.drop_moe_layers
@@ -86,6 +96,19 @@ class Options:
         if self.search_budget and not self.searched:
             raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
                             "with search")
+        if self.search_batch is not None and not self.searched:
+            raise UserError("--search-batch only applies to --experts, --allow-prune or --top-k "
+                            "with search")
+        if self.search_batch is not None and not 1 <= self.search_batch <= 4096:
+            raise UserError(f"--search-batch {self.search_batch}: must be between 1 and 4096")
+        if self.ray is not None:
+            if not (self.calibrated or (quantized and self.calib)):
+                raise UserError("--ray only applies to work on calibration data: --experts, "
+                                "--top-k, --drop-blocks, --drop-moe-layers, --budget, --quant "
+                                "auto, or --quant/--quant-map with --calib")
+            from .distributed.engine import check
+
+            check(self.ray)  # the address's form, and Ray installed
         for flag, value in (("--budget", self.budget), ("--gpu-mem", self.gpu_mem),
                             ("--ram", self.ram)):
             if value is not None:

@@ -23,11 +23,11 @@ from dataclasses import replace
 from moecompile import ir
 from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
 from moecompile.analysis.observers import SimilarityObserver
+from moecompile.analysis.shards import stream
 from moecompile.analysis.similarity import similarities
 from moecompile.errors import UserError
 from moecompile.runtime.executor import ReferenceExecutor
-from moecompile.runtime.resume import resume_for
-from moecompile.runtime.streaming import StreamingExecutor, streams
+from moecompile.runtime.streaming import streams
 
 from .base import Pass, PassContext, PassResult
 
@@ -92,18 +92,17 @@ class _Drop(Pass):
         """At real size: the similarities and the original's fitness in one layer-major pass,
         the chosen model's fitness in a second; the cost of each single drop would take a pass
         per candidate and is not measured here."""
-        observer = SimilarityObserver(model)
-        before = StreamingFitness(calib)
-        StreamingExecutor(model, ctx.device, observer=observer,
-                          progress="similarities" if ctx.progress else None).run(
-            calib.ids, calib.mask, before.consume, resume_for(model, calib, "similarity"))
+        # both passes split the calibration examples over the engine's workers
+        observer, before = stream(ctx.engine, model, calib, SimilarityObserver(model),
+                                  StreamingFitness(calib), what=("similarity",),
+                                  progress="similarities" if ctx.progress else None)
         block_sim, layer_sim = observer.similarities()
         sims = block_sim if self.kind == "blocks" else layer_sim
         chosen = sorted(sorted(candidates, key=lambda i: (-sims[i], i))[:self.m])
         trimmed = self.apply(model, chosen)
-        after = StreamingFitness(calib, before if calib.kind == "text" else None)
-        StreamingExecutor(trimmed, ctx.device).run(calib.ids, calib.mask, after.consume,
-                                                   resume_for(trimmed, calib, "fitness"))
+        _, after = stream(ctx.engine, trimmed, calib, None,
+                          StreamingFitness(calib, before if calib.kind == "text" else None),
+                          what=("fitness",))
         report.update({
             "calib": calib.spec,
             "dropped": chosen,

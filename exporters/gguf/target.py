@@ -189,7 +189,7 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "the importance matrix")
         quantizable = self.quantizable(model)
         paths = {p for t in quantizable for p in t.paths}
-        found = imatrix.collect(model, calib, paths, ctx.device, ctx.progress)
+        found = imatrix.collect(model, calib, paths, ctx.device, ctx.progress, ctx.engine)
         return imatrix_dat.by_tensor(quantizable, found), found.sequences, found.coverage(paths)
 
     def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):

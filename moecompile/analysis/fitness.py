@@ -187,6 +187,7 @@ class StreamingFitness:
         self.logp_sum, self.logp_count = 0.0, 0
         self.kl_sum = 0.0
         self.top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, logp)
+        self.examples: list[int] | None = None  # a shard's examples in the whole set (part)
 
     def consume(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
         rows = rows.cpu()
@@ -217,6 +218,38 @@ class StreamingFitness:
             kl = float((p * (lp - q_top)).sum() + tail_p * (tail_p.log() - tail_q.log()))
             self.kl_sum += max(kl, 0.0)
             self.logp_count += 1
+
+    def part(self, rows: list[int]) -> "StreamingFitness":
+        """An empty accumulator for the calibration examples `rows` (a shard of a
+        data-parallel pass, fed rows of `calib.subset(rows)`); `merge` adds it back. Its
+        reference is the reference's top-K for those rows."""
+        reference = None
+        if self.reference is not None:
+            reference = StreamingFitness(self.calib.subset(rows))
+            reference.top = {local: self.reference.top[g]
+                             for local, g in self._rows(rows) if g in self.reference.top}
+        out = StreamingFitness(self.calib.subset(rows), reference)
+        out.examples = list(rows)
+        return out
+
+    def _rows(self, rows: list[int]):
+        """(row in the shard of examples `rows`, row in the whole set) of every position."""
+        width = self.calib.ids.shape[1]
+        for i, example in enumerate(rows):
+            for t in range(width):
+                yield i * width + t, example * width + t
+
+    def merge(self, part: "StreamingFitness") -> "StreamingFitness":
+        """Add a shard's sums (`part`) into this accumulator of the whole set."""
+        rows = part.examples
+        self.wrong.index_add_(0, torch.tensor(rows, dtype=torch.long), part.wrong)
+        self.logp_sum += part.logp_sum
+        self.logp_count += part.logp_count
+        self.kl_sum += part.kl_sum
+        if part.top:
+            to_whole = dict(self._rows(rows))
+            self.top.update({to_whole[local]: v for local, v in part.top.items()})
+        return self
 
     def value(self) -> float:
         if self.calib.kind == "text":

@@ -52,13 +52,13 @@ class Importance:
 
 @torch.no_grad()
 def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu",
-            progress: bool = False) -> Importance:
+            progress: bool = False, engine=None) -> Importance:
     """Importance of the weights at `paths`: for a model too large to hold as float32, in one
-    layer-major pass (with rarely routed experts topped up, runtime/streaming.py); otherwise
-    one calibration sequence at a time through the token-major executor. Padding never
-    counts."""
+    layer-major pass (with rarely routed experts topped up, runtime/streaming.py; its shards
+    on the engine's workers); otherwise one calibration sequence at a time through the
+    token-major executor. Padding never counts."""
     if streams(model):
-        return collect_streaming(model, calib, paths, device, progress)
+        return collect_streaming(model, calib, paths, device, progress, engine)
     out = Importance(sequences=calib.n_examples)
 
     def record(path: str, x: torch.Tensor) -> None:
@@ -76,13 +76,18 @@ def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cp
 
 @torch.no_grad()
 def collect_streaming(model: ir.Model, calib: CalibSet, paths: set[str],
-                      device: str = "cpu", progress: bool = False) -> Importance:
-    """`collect` in one layer-major pass over the whole calibration batch."""
+                      device: str = "cpu", progress: bool = False,
+                      engine=None) -> Importance:
+    """`collect` in one layer-major pass over the whole calibration batch, split into token
+    shards over the engine's workers (analysis/shards.py; default: this process, one shard),
+    each shard resumable where it stopped (runtime/resume.py)."""
+    from moecompile.distributed.engine import Engine
+
     from .observers import ImportanceObserver
+    from .shards import stream
 
     observer = ImportanceObserver(paths)
-    StreamingExecutor(model, device, observer=observer,
-                      progress="importance matrix" if progress else None).run(
-        calib.ids, calib.mask, head=lambda rows, logits: None,
-        resume=resume_for(model, calib, "importance", sorted(paths)))
+    stream(engine or Engine(device), model, calib, observer,
+           what=("importance", sorted(paths)), progress="importance matrix" if progress else None)
+    observer.top_up(StreamingExecutor(model, device))
     return Importance(observer.sums, observer.counts, calib.n_examples, observer.topped_up)

@@ -51,6 +51,11 @@ class Observers(Observer):
         for o in self.observers:
             o.attach(executor)
 
+    def merge(self, other: "Observers") -> "Observers":
+        for mine, theirs in zip(self.observers, other.observers):
+            mine.merge(theirs)
+        return self
+
     def state(self) -> dict:
         return {"observers": [o.state() for o in self.observers]}
 
@@ -64,7 +69,14 @@ def _add(into: dict, key, value) -> None:
 
 
 class ImportanceObserver(Observer):
-    """Σ x_j² and the token count of each input column of the weights at `paths`."""
+    """Σ x_j² and the token count of each input column of the weights at `paths`.
+
+    Experts that fewer than `min_tokens` routed tokens reached are topped up after the pass
+    (`top_up`), when it is known which they are: a shard of the calibration set keeps, for
+    each expert rare in it, the inputs of its `min_tokens` tokens with the highest router
+    logits (an expert rare in the whole set is rare in every shard, and the whole set's best
+    candidates are among the shards' best), so merged shards top up exactly the experts and
+    tokens one pass over everything would."""
 
     def __init__(self, paths: set[str], min_tokens: int = MIN_TOKENS):
         self.paths, self.min_tokens = paths, min_tokens
@@ -72,6 +84,9 @@ class ImportanceObserver(Observer):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.topped_up: dict[str, int] = {}  # path -> tokens added for a rarely routed expert
+        self.tokens: dict[int, int] = {}  # MoE block -> tokens seen
+        # (block, expert) -> (router logits, inputs) of the expert's top-up candidates
+        self.candidates: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer: tuple | None = None
 
     def input(self, path, x):
@@ -87,36 +102,57 @@ class ImportanceObserver(Observer):
         self._layer = (block, x, logits)
 
     def block(self, block, h_in, h_mid, h_out):
-        """Top up the layer's experts that fewer than `min_tokens` tokens reached: the tokens
-        with their highest router logits go through them (inputs counted apart)."""
-        if self._layer is None or self.executor is None or self._layer[0] != block:
+        """Keep the top-up candidates of the layer's experts that fewer than `min_tokens`
+        tokens of this pass reached."""
+        if self._layer is None or self._layer[0] != block:
             return
         _, x, logits = self._layer
         self._layer = None
+        self.tokens[block] = self.tokens.get(block, 0) + x.shape[0]
         for e in range(logits.shape[-1]):
             prefix = f"blocks.{block}.ffn.experts.{e}"
-            if f"{prefix}.gate" not in self.paths:
+            if (f"{prefix}.gate" not in self.paths
+                    or self.counts.get(f"{prefix}.gate", 0) >= self.min_tokens):
                 continue
-            have = self.counts.get(f"{prefix}.gate", 0)
-            if have >= self.min_tokens:
+            top = logits[:, e].topk(min(self.min_tokens, x.shape[0]))
+            self._keep(block, e, top.values.cpu(), x[top.indices].cpu())
+
+    def _keep(self, block: int, e: int, logits: torch.Tensor, xs: torch.Tensor) -> None:
+        if (block, e) in self.candidates:  # two shards' candidates: the best of both
+            have_logits, have_xs = self.candidates[(block, e)]
+            logits, xs = torch.cat([have_logits, logits]), torch.cat([have_xs, xs])
+            order = logits.topk(min(self.min_tokens, len(logits))).indices
+            logits, xs = logits[order], xs[order]
+        self.candidates[(block, e)] = (logits, xs)
+
+    def top_up(self, executor) -> "ImportanceObserver":
+        """After the pass (and the merge of shards): the experts still under `min_tokens`
+        routed tokens get their candidates through them, counted apart so routed statistics
+        stay unbiased. `executor` fetches the experts' weights."""
+        for (block, e), (_, xs) in sorted(self.candidates.items()):
+            prefix = f"blocks.{block}.ffn.experts.{e}"
+            if self.counts.get(f"{prefix}.gate", 0) >= self.min_tokens:
                 continue
-            take = min(self.min_tokens, x.shape[0])
-            rows = logits[:, e].topk(take).indices
-            xs = x[rows]
-            act = F.silu(xs @ self.executor.w(f"{prefix}.gate").T) * (
-                xs @ self.executor.w(f"{prefix}.up").T)
+            xs = xs[:min(self.min_tokens, self.tokens[block])].to(executor.device)
+            take = xs.shape[0]
+            act = F.silu(xs @ executor.w(f"{prefix}.gate").T) * (xs @ executor.w(f"{prefix}.up").T)
             for name, inp in (("gate", xs), ("up", xs), ("down", act)):
                 path = f"{prefix}.{name}"
                 _add(self.sums, path, inp.double().pow(2).sum(0).cpu())
                 self.counts[path] = self.counts.get(path, 0) + take
                 self.topped_up[path] = self.topped_up.get(path, 0) + take
+        self.candidates = {}
+        return self
 
     def merge(self, other: "ImportanceObserver") -> "ImportanceObserver":
         for path, value in other.sums.items():
             _add(self.sums, path, value)
-        for source, into in ((other.counts, self.counts), (other.topped_up, self.topped_up)):
-            for path, n in source.items():
-                into[path] = into.get(path, 0) + n
+        for source, into in ((other.counts, self.counts), (other.topped_up, self.topped_up),
+                             (other.tokens, self.tokens)):
+            for key, n in source.items():
+                into[key] = into.get(key, 0) + n
+        for (block, e), (logits, xs) in other.candidates.items():
+            self._keep(block, e, logits, xs)
         return self
 
 
