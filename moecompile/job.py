@@ -29,6 +29,7 @@ from .passes.base import Pass, PassContext, PassManager
 from .passes.drop import DropBlocks, DropMoELayers
 from .passes.prune_experts import PruneExperts
 from .passes.reduce_top_k import ReduceTopK
+from .passes.slim_experts import SlimExperts
 from .runtime.executor import default_device
 
 log = logging.getLogger("moecompile")
@@ -55,13 +56,17 @@ class JobResult:
 
 
 def passes_for(options: Options, router_mode: str) -> list[Pass]:
-    """The passes the flags ask for, in their documented order: --experts, --top-k,
-    --drop-blocks, --drop-moe-layers (the Python API composes them in any order)."""
+    """The passes the flags ask for, in their documented order: --experts, --expert-width
+    (and --shared-width), --top-k, --drop-blocks, --drop-moe-layers (the Python API composes
+    them in any order)."""
     evaluations, seconds = options.search_length
     config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
     out: list[Pass] = []
     if options.experts is not None:
         out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
+    if options.slimmed:
+        out.append(SlimExperts(options.expert_widths, options.width_method, options.width_refit,
+                               options.shared_widths))
     if options.top_k is not None:
         out.append(ReduceTopK(options.top_k, options.topk_method, config))
     if options.drop_blocks:

@@ -33,7 +33,7 @@ from . import arch as gguf_arch
 from . import imatrix_dat, memory, offload, writer
 from .numerics import FileNumerics, StoredNumerics
 from .quantizer import quantize_file, read_tensors
-from .types import DTYPES, ggml, keeps_f32, parse_type, stored_type, tensor_bytes
+from .types import DTYPES, block_size, ggml, keeps_f32, parse_type, stored_type, tensor_bytes
 
 log = logging.getLogger("moecompile")
 
@@ -70,6 +70,11 @@ class GGUFTarget(Target):
                             "or a target that can express it (ONNX)")
         if options.quant not in (None, "auto"):
             parse_type(options.quant)
+        for request, what in ((options.expert_widths, "expert"),
+                              (options.shared_widths, "shared")):
+            if request is not None and not request.uniform:
+                raise UserError(f"{request.flag} {request.text}: "
+                                + gguf_arch.width_refusal(list(request.values), what))
 
     def check(self, model: ir.Model) -> str:
         """llama.cpp's arch for the model, or UserError saying why it cannot be exact."""
@@ -159,6 +164,14 @@ class GGUFTarget(Target):
         mem = memory.memory(typed, weights, n_ctx)
         report: dict = {"ctx": n_ctx, "memory": mem.to_dict()}
         lines = []
+        fallbacks = self.width_fallbacks(model, by_tensor or {t.name: typed.types[t.paths[0]]
+                                                               for t in self.planned(model)})
+        if fallbacks:
+            report["width_fallbacks"] = fallbacks
+            lines += [f"note: {f['tensor']} rows of {f['width']} neurons do not fill {f['asked']}'s "
+                      f"blocks of {f['block']}: stored as {f['stored']} (llama.cpp's fallback; "
+                      "widths in multiples of 256 keep k-quants, of 32 the other types)"
+                      for f in fallbacks]
         if request.budget is not None:
             report["budget_bytes"] = request.budget
             lines.append(f"memory: {mem.describe(n_ctx)} = {format_size(mem.total_bytes)} of "
@@ -172,6 +185,23 @@ class GGUFTarget(Target):
         typed = typed.with_history(types_entry(self.name, method, label, typed))
         return TypePlan(typed, label, weights, report, lines,
                         {"quantizer": quantizer, "importance": importance})
+
+    def width_fallbacks(self, model: ir.Model, asked: dict[str, str]) -> list[dict]:
+        """Down projections of a slimmed model whose width (their row length) makes llama.cpp
+        store a larger type than asked, once per kind of tensor (ffn_down_exps, …)."""
+        if not any(entry.get("pass") == "slim_experts" for entry in model.history):
+            return []
+        seen, out = set(), []
+        for t in self.planned(model):
+            if "ffn_down" not in t.name or t.name not in asked:
+                continue
+            kind = t.name.split(".", 2)[-1].removesuffix(".weight")
+            stored = stored_type(t.name, t.shape, asked[t.name])
+            if stored != asked[t.name] and (kind, t.shape[-1]) not in seen:
+                seen.add((kind, t.shape[-1]))
+                out.append({"tensor": kind, "width": t.shape[-1], "asked": asked[t.name],
+                            "block": block_size(asked[t.name]), "stored": stored})
+        return out
 
     def importance(self, model: ir.Model, ctx) -> tuple[dict, int]:
         """The importance matrix by GGUF tensor and the calibration sequences it came from."""
