@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,9 @@ from .analysis.eep import EEPConfig
 from .errors import UserError
 from .tasks.calibration import DEFAULT
 from .exporters import target_for
-from .exporters.target import BudgetUnreachable, Committed, TypePlan, TypeRequest, write_json_atomic
+from .analysis.sensitivity import CalibKL
+from .exporters.target import (Committed, TypePlan, TypeRequest, Variant, VariantSource,
+                               write_json_atomic)
 from .options import Options, output_file
 from .passes.base import Pass, PassContext, PassManager
 from .passes.drop import DropBlocks, DropMoELayers
@@ -200,20 +203,58 @@ def _workdir(options: Options) -> Path | None:
 
 def _choose_types(target, model: ir.Model, request: TypeRequest, ctx: PassContext,
                   options: Options, router_mode: str, say: Callable[[str], None]) -> TypePlan:
-    """The target's type choice; with --allow-prune, a budget only fewer experts can meet is
-    met by pruning to the number the target names, then choosing again."""
-    try:
-        return target.choose_types(model, request, ctx)
-    except BudgetUnreachable as exc:
-        if not options.allow_prune or exc.experts is None:
-            raise
-        say(f"--allow-prune: pruning to {exc.experts} experts per layer to meet --budget "
-            f"{options.budget}")
-        evaluations, seconds = options.search_length
-        config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
-        prune = PruneExperts(exc.experts, options.prune_method, config, router_mode)
-        model = _run_passes(model, [prune], ctx, say)
-        return target.choose_types(model, request, ctx)
+    """The target's type choice; with --allow-prune the target may also take fewer or
+    narrower experts, which the job builds with the passes when the target asks."""
+    variants = PassVariants(model, ctx, options, router_mode, say) if options.allow_prune else None
+    return target.choose_types(model, request, ctx, variants)
+
+
+class PassVariants(VariantSource):
+    """Structural variants for a budget (--allow-prune), built with the passes in their
+    documented order (experts, then width) — each pruned model once, each variant once — and
+    measured: KL to the original on the job's calibration set, at full precision."""
+
+    def __init__(self, model: ir.Model, ctx: PassContext, options: Options, router_mode: str,
+                 say: Callable[[str], None]):
+        self.model, self.ctx, self.options, self.router_mode = model, ctx, options, router_mode
+        self.say = say
+        self.pruned: dict[int, ir.Model] = {}
+        self.built: dict[tuple[int, int], Variant] = {}
+        self.kl: CalibKL | None = None
+
+    def __call__(self, experts: int, width: int) -> Variant:
+        key = (experts, width)
+        if key not in self.built:
+            t0 = time.monotonic()
+            passes_run: list[str] = []
+            model = self._pruned(experts, passes_run)
+            if any(ex.width > width for b in model.blocks if isinstance(b.ffn, ir.MoE)
+                   for ex in b.ffn.experts):
+                slim = SlimExperts(str(width), self.options.width_method,
+                                   self.options.width_refit)
+                model, _ = PassManager([slim]).run(model, self.ctx)
+                passes_run.append(f"width {width} ({self.options.width_method}, refit "
+                                  f"{self.options.width_refit})")
+            if self.kl is None:
+                calib = self.ctx.calibration(self.model, "--allow-prune")
+                self.kl = CalibKL(self.model, calib, self.ctx.device)
+            loss = self.kl.of_model(model)
+            self.say(f"--allow-prune: measured {', '.join(passes_run)}: calibration KL "
+                     f"{loss:.4f} ({time.monotonic() - t0:.0f} s)")
+            self.built[key] = Variant(model, loss)
+        return self.built[key]
+
+    def _pruned(self, experts: int, passes_run: list[str]) -> ir.Model:
+        moes = [b.ffn for b in self.model.blocks if isinstance(b.ffn, ir.MoE)]
+        if experts >= max(f.n_experts for f in moes):
+            return self.model
+        if experts not in self.pruned:
+            evaluations, seconds = self.options.search_length
+            config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=self.options.seed)
+            prune = PruneExperts(experts, self.options.prune_method, config, self.router_mode)
+            self.pruned[experts], _ = PassManager([prune]).run(self.model, self.ctx)
+        passes_run.append(f"{experts} experts ({self.options.prune_method})")
+        return self.pruned[experts]
 
 
 def _summary(committed: Committed, report_path: Path) -> list[str]:

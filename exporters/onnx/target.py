@@ -119,7 +119,8 @@ class ONNXTarget(Target):
         lower.check_exportable(model)
 
     # ------------------------------------------------------------------ types
-    def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+    def choose_types(self, model: ir.Model, request: TypeRequest, ctx,
+                     variants=None) -> TypePlan:
         """The types `request` asks for. `--budget` alone asks for the most faithful file that
         fits: float32 if it fits, else types chosen per expert by measured sensitivity."""
         self.check(model)

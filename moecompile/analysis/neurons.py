@@ -201,7 +201,9 @@ def _selection(width: int, kept: list[int]) -> torch.Tensor:
 
 def _relative(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, kept: list[int]) -> float:
     """E||W a - W M a_K||^2 / E||W a||^2 for activations a with second moment S (a_K: the
-    kept neurons' activations; M = P, the selection, is the plain slice)."""
+    kept neurons' activations; M = P, the selection, is the plain slice). In float32: the
+    error is formed from the residual map itself, not as a difference of large numbers."""
+    w, s, m = w.float(), s.float(), m.float()
     residual = w.clone()  # W - W M P^T: W M goes into the kept columns
     residual[:, kept] -= w @ m
     total = float(((w @ s) * w).sum())
