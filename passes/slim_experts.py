@@ -48,6 +48,7 @@ from .base import Pass, PassContext, PassResult
 
 METHODS = neurons.IMPORTANCES
 REFITS = ("lsq", "none")
+FULL_STATS = 1 << 30  # bytes of F x F statistics collected without a refit, for its report
 
 def requested_widths(model: ir.Model, width, shared_width=None) -> dict[str, int]:
     """IR prefix of each MLP to slim -> its new width. `width` applies to routed experts: a
@@ -113,9 +114,13 @@ class SlimExperts(Pass):
         if not todo:
             return PassResult(model, False, report)  # every MLP already at most that wide
         t0 = time.monotonic()
-        measured = (self.method != "random" or self.refit != "none" or ctx.has_calibration)
+        # calibration for the activation statistics, the refit, or (when given) the report
+        measured = (self.method in ("wanda", "activation") or self.refit != "none"
+                    or ctx.has_calibration)
         calib = ctx.calibration(model, "--expert-width") if measured else None
-        stats = neurons.collect(model, calib, set(todo), ctx.device) if calib else {}
+        # full second moments for the refit, or (when small) to report the slice's error
+        full = self.refit == "lsq" or sum(16 * mlps[p].width ** 2 for p in todo) <= FULL_STATS
+        stats = neurons.collect(model, calib, set(todo), ctx.device, full) if calib else {}
         rng = random.Random(f"slim/{ctx.seed}")
         new: dict[str, ir.Expert] = {}
         entries: dict[str, dict] = {}

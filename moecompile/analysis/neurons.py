@@ -52,15 +52,19 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # x mean(diag S[K, K]); plus "no ref
 @dataclass
 class NeuronStats:
     """Weighted second moments of one MLP's intermediate activations, kept in two halves
-    (even / odd calibration examples) for the refit's hold-out."""
+    (even / odd calibration examples) for the refit's hold-out: the diagonal always (what the
+    importances need), the full F x F matrix only with `full` (what the refit needs)."""
 
     width: int
+    full: bool = True
+    diag: list[torch.Tensor] = field(default_factory=list)  # [half] (F,) float64: sum w a^2
     sums: list[torch.Tensor] = field(default_factory=list)  # [half] (F, F) float64: sum w a a^T
     weights: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [half] sum of w
     tokens: int = 0
 
     def __post_init__(self):
-        if not self.sums:
+        self.diag = [torch.zeros(self.width, dtype=torch.float64) for _ in range(2)]
+        if self.full:
             self.sums = [torch.zeros(self.width, self.width, dtype=torch.float64)
                          for _ in range(2)]
 
@@ -71,12 +75,15 @@ class NeuronStats:
             rows = half == h
             if rows.any():
                 aw = a[rows] * w[rows, None]
-                self.sums[h] += aw.T @ a[rows]
+                self.diag[h] += (aw * a[rows]).sum(0)
+                if self.full:
+                    self.sums[h] += aw.T @ a[rows]
                 self.weights[h] += float(w[rows].sum())
         self.tokens += a.shape[0]
 
     def second_moment(self, half: int | None = None) -> torch.Tensor | None:
         """E_w[a a^T] over one half (None: both); None when no token reached it."""
+        assert self.full, "collected without the full second moment"
         halves = (0, 1) if half is None else (half,)
         total = sum(self.weights[h] for h in halves)
         if total <= 0:
@@ -84,8 +91,10 @@ class NeuronStats:
         return sum(self.sums[h] for h in halves) / total
 
     def rms(self) -> torch.Tensor | None:
-        s = self.second_moment()
-        return None if s is None else s.diagonal().clamp(min=0).sqrt()
+        total = sum(self.weights)
+        if total <= 0:
+            return None
+        return ((self.diag[0] + self.diag[1]) / total).clamp(min=0).sqrt()
 
 
 def mlp_paths(model: ir.Model, shared: bool) -> dict[str, ir.Expert]:
@@ -104,10 +113,10 @@ def mlp_paths(model: ir.Model, shared: bool) -> dict[str, ir.Expert]:
 
 
 @torch.no_grad()
-def collect(model: ir.Model, calib: CalibSet, prefixes: set[str],
-            device: str = "cpu") -> dict[str, NeuronStats]:
+def collect(model: ir.Model, calib: CalibSet, prefixes: set[str], device: str = "cpu",
+            full: bool = True) -> dict[str, NeuronStats]:
     """Statistics of the MLPs at `prefixes` over the calibration tokens (padding removed),
-    from one forward of the model as it is."""
+    from one forward of the model as it is; `full`: with the F x F second moments."""
     ex = ReferenceExecutor(model, device)
     mask = calib.mask.to(ex.device)
     h, attn_mask, positions = ex.embed(calib.ids.to(ex.device), mask)
@@ -115,7 +124,7 @@ def collect(model: ir.Model, calib: CalibSet, prefixes: set[str],
     half = (torch.arange(calib.n_examples, device=ex.device)[:, None] % 2).expand_as(mask)
     half = half.reshape(-1)[keep]
     paths = mlp_paths(model, shared=True)
-    stats = {p: NeuronStats(paths[p].width) for p in prefixes}
+    stats = {p: NeuronStats(paths[p].width, full) for p in prefixes}
 
     def observe(prefix: str, x: torch.Tensor, w: torch.Tensor, which: torch.Tensor) -> None:
         if prefix in stats and x.shape[0]:
@@ -190,7 +199,10 @@ def _mixing(s: torch.Tensor, kept: list[int], lam: float) -> torch.Tensor:
     k = torch.tensor(kept)
     a = s[k][:, k] + lam * torch.eye(len(kept), dtype=s.dtype)
     b = s[:, k] + lam * _selection(s.shape[0], kept)
-    return torch.linalg.solve(a, b.T).T  # a is symmetric: (a^-1 b^T)^T = b a^-1
+    # a is symmetric positive definite (a second moment plus lam > 0): (a^-1 b^T)^T = b a^-1.
+    # Cholesky, not LU: torch's LU solve fails inside MKL under OMP_THREAD_LIMIT=1 (measured
+    # with torch 2.13: "Pivots given to lu_solve must all be greater or equal to 1").
+    return torch.cholesky_solve(b.T.contiguous(), torch.linalg.cholesky(a)).T
 
 
 def _selection(width: int, kept: list[int]) -> torch.Tensor:
@@ -213,8 +225,8 @@ def _relative(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, kept: list[int]
 
 def slice_error(down: torch.Tensor, stats: NeuronStats | None, kept: list[int]) -> float:
     """The plain slice's relative reconstruction error on all calibration tokens (nan: none
-    reached the MLP)."""
-    s = stats.second_moment() if stats is not None else None
+    reached the MLP, or only the diagonal was collected)."""
+    s = stats.second_moment() if stats is not None and stats.full else None
     if s is None:
         return math.nan
     p = _selection(down.shape[1], kept)
