@@ -166,12 +166,16 @@ class SlimExperts(Pass):
         line = (f"slimmed {sum(v['slimmed'] for v in layers.values())} MLPs to "
                 f"{_span(after)} of {_span(before)} neurons ({report['method']}, refit "
                 f"{report['refit']})")
-        errors = [e for v in layers.values() for e in v["error_held_out"] if e is not None]
-        slices = [e for v in layers.values() for e in v["error_slice"] if e is not None]
-        if errors:
-            line += (f": relative reconstruction error {sum(errors) / len(errors):.4f} on "
-                     f"held-out calibration examples, mean over MLPs (plain slice "
-                     f"{sum(slices) / len(slices):.4f})")
+        slimmed = [(h, e) for v in layers.values()
+                   for k, h, e in zip(v["kept"], v["error_held_out"], v["error_slice"])
+                   if k < v["width_before"] and h is not None and e is not None]
+        if slimmed:
+            held = sum(h for h, _ in slimmed) / len(slimmed)
+            plain = sum(e for _, e in slimmed) / len(slimmed)
+            line += (f": relative reconstruction error {held:.4f} on held-out calibration "
+                     f"examples (plain slice {plain:.4f}), mean over MLPs"
+                     if report["refit"] == "lsq" else
+                     f": relative reconstruction error {plain:.4f}, mean over MLPs")
         if "fitness" in report:
             line += (f"; calibration fitness {report['fitness']:.4f} (before "
                      f"{report['fitness_before']:.4f})")
@@ -201,9 +205,9 @@ def _layers_report(entries: dict[str, dict]) -> dict:
     reconstruction error with and without refit."""
     layers: dict[str, dict] = {}
     for prefix, e in entries.items():
-        layer = layers.setdefault(_layer_key(prefix), {"width_before": e["before"], "kept": [], "ridge": [],
-                                        "error_slice": [], "error": [], "error_held_out": [],
-                                        "tokens": [], "_kept": []})
+        layer = layers.setdefault(_layer_key(prefix), {
+            "width_before": e["before"], "kept": [], "ridge": [], "error_slice": [], "error": [],
+            "error_held_out": [], "tokens": [], "_kept": []})
         layer["kept"].append(len(e["kept"]))
         layer["slimmed"] = layer.get("slimmed", 0) + (len(e["kept"]) < e["before"])
         layer["_kept"].append(e["kept"])

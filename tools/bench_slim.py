@@ -1,7 +1,7 @@
 """Benchmark the recipe question: at equal bytes, which axis costs least accuracy?
 
     python tools/bench_slim.py [--n 500] [--calib all] [--calib-n 16] [--png docs/bench_slim.png]
-                               [--json FILE] [--speed-layers 2] [--repeat 3]
+                               [--json FILE] [--speed-layers 2] [--repeat 3] [--tables FILE]
 
 On the bundled model, GGUF files of the same weight size are compiled by moecompile along one
 axis at a time — expert width only (`--expert-width`, every importance, with and without the
@@ -227,8 +227,8 @@ def table(result: dict) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if not r.get("correct"):
-            lines.append(f"| {r['size']} | {r['axis']} | {r['config']} | – | – | – | – | – | "
-                         "does not fit / refused |")
+            lines.append(f"| {r['size']} | {r['axis']} | {r['config']} | – | – | – | – | "
+                         "– | does not fit / refused |")
             continue
         d = paired_difference(r["correct"], original["correct"])
         lines.append(f"| {r['size']} | {r['axis']} | {r['config']} | {r['structure']} | "
@@ -314,7 +314,8 @@ def plot(result: dict, png: Path) -> None:
     series = [("width (wanda, refit lsq)", lambda r: r["axis"] == "width"
                and r["config"].endswith("(wanda, refit lsq)") and r["size"] != "width sweep", "o"),
               ("width (random, no refit)", lambda r: r["axis"] == "width"
-               and r["config"].endswith("(random, refit none)") and r["size"] != "width sweep", "x"),
+               and r["config"].endswith("(random, refit none)")
+               and r["size"] != "width sweep", "x"),
               ("experts (eep)", lambda r: r["axis"] == "experts" and "(eep)" in r["config"], "s"),
               ("types (--quant auto)", lambda r: r["axis"] == "types", "^"),
               ("all (--allow-prune)", lambda r: r["axis"] == "all", "*")]
@@ -357,7 +358,16 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-quality", action="store_true", help="only the speed table")
+    p.add_argument("--tables", type=Path, metavar="FILE.json",
+                   help="print the tables and the plot of a saved --json run; measure nothing")
     args = p.parse_args()
+    if args.tables:
+        saved = json.loads(args.tables.read_text())
+        print(table(saved))
+        plot(saved, args.png)
+        print()
+        print(speed_table(saved.get("speed", [])))
+        return
     work = ROOT / ".bench"
     work.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work) as tmp:

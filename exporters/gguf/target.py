@@ -176,10 +176,10 @@ class GGUFTarget(Target):
                                                                for t in self.planned(model)})
         if fallbacks:
             report["width_fallbacks"] = fallbacks
-            lines += [f"note: {f['tensor']} rows of {f['width']} neurons do not fill {f['asked']}'s "
-                      f"blocks of {f['block']}: stored as {f['stored']} (llama.cpp's fallback; "
-                      "widths in multiples of 256 keep k-quants, of 32 the other types)"
-                      for f in fallbacks]
+            lines += [f"note: {f['tensor']} rows of {f['width']} neurons do not fill "
+                      f"{f['asked']}'s blocks of {f['block']}: stored as {f['stored']} "
+                      "(llama.cpp's fallback; widths in multiples of 256 keep k-quants, of 32 "
+                      "the other types)" for f in fallbacks]
         if request.budget is not None:
             report["budget_bytes"] = request.budget
             lines.append(f"memory: {mem.describe(n_ctx)} = {format_size(mem.total_bytes)} of "

@@ -25,10 +25,11 @@ the reverse, summed), then M is fitted on all of them. With few tokens per exper
 least-squares fit overfits; the hold-out lets the data say how much refit it supports, and
 "no refit" is always one of the choices.
 
-Statistics are collected one-shot on the model as it is (one forward of the calibration set),
-F x F sums per MLP (float64), so memory is F^2 x 8 bytes x 2 halves per MLP: nothing at the
-bundled model's F=256, 1 GiB per expert at Mixtral's 14336 (there a streaming pass would keep
-one layer's experts at a time; this module keeps all).
+Statistics are collected one-shot on the model as it is (one forward of the calibration set).
+The importances need only each neuron's mean square; the refit (and the plain slice's error)
+need the F x F second moments, float64 in two halves: F^2 x 16 bytes per MLP — nothing at the
+bundled model's F=256, 3 GiB per expert at Mixtral's 14336 (there a streaming pass would keep
+one layer's experts at a time; this module keeps all it is asked for).
 """
 
 from __future__ import annotations
