@@ -26,6 +26,7 @@ from moecompile.analysis.fitness import FitnessEvaluator
 from moecompile.errors import UserError
 
 from .base import Pass, PassContext, PassResult
+from .prune_experts import check_one_width
 
 METHODS = ("plain", "search")
 
@@ -69,6 +70,8 @@ class ReduceTopK(Pass):
             report["above_model_top_k"] = True
         if method == "plain" and not ctx.has_calibration:
             return PassResult(plain, True, report)  # nothing asked to measure it
+        if method == "search":
+            check_one_width(model, "--topk-method search")
         calib = ctx.calibration(model, "--topk-method search")
         report["calib"] = calib.spec
         reference = FitnessEvaluator(model, calib, ctx.device)
