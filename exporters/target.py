@@ -37,7 +37,7 @@ class TypeRequest:
     budget: int | None = None  # --budget, bytes of runtime memory
     budget_text: str | None = None  # as the user wrote it, for messages
     ctx: int | None = None  # --ctx the memory is planned for
-    workdir: Path | None = None  # where large scratch files go (the output's folder)
+    sensitivity: str = "auto"  # full | local | auto (local when the model streams)
 
     @property
     def fits_budget(self) -> bool:
@@ -93,6 +93,29 @@ class Committed:
         return self.verification is None or self.verification.passed
 
 
+@dataclass
+class FileVerdict:
+    """`moecompile verify FILE --against MODEL`: does the file compute what the checkpoint
+    computes, within what its types allow?"""
+
+    file: Path
+    findings: list[str]  # what differs, most telling first (metadata, tensors, graph)
+    verification: VerifyResult | None  # the file run in its runtime against the reference
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings and self.verification is not None and self.verification.passed
+
+    def lines(self) -> list[str]:
+        out = [f"verify {self.file}: {'PASS' if self.passed else 'FAIL'}"]
+        if self.verification is not None:
+            out.append("  " + self.verification.summary())
+        out += [f"  {f}" for f in self.findings[:12]]
+        if len(self.findings) > 12:
+            out.append(f"  … and {len(self.findings) - 12} more")
+        return out
+
+
 class Target:
     name = ""
     suffix = ""
@@ -122,6 +145,11 @@ class Target:
     def committed_lines(self, committed: Committed, plan: TypePlan) -> list[str]:
         """What the job prints about side files the commit wrote; none by default."""
         return []
+
+    def verify_file(self, path: Path, model: ir.Model, device: str | None = None) -> FileVerdict:
+        """Any file of this target's format, also one moecompile did not write, checked
+        against the checkpoint's IR, reading its tensors and types from the file."""
+        raise NotImplementedError
 
 
 class BudgetUnreachable(UserError):

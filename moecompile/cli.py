@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "24GB, 8GiB, 512MB or bytes. Alone it writes the most faithful file "
                         "that fits: lossless if it fits, else types chosen by measured "
                         "sensitivity (as --quant auto); with a type flag it checks the fit")
+    p.add_argument("--sensitivity", choices=["auto", "full", "local"], default="auto",
+                   help="how --quant auto / --budget measure each type's cost: full (one "
+                        "forward of the whole model per group and type), local (each "
+                        "sub-layer's error on its cached input, fitted to KL by one probe, "
+                        "about three passes in all; the chosen mix measured end to end); auto "
+                        "(default): local for a model too large to run whole, else full")
     p.add_argument("--allow-prune", action="store_true",
                    help="with --budget: choose among expert count, expert width and weight "
                         "types by measured loss per byte saved (experts pruned by "
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--experts", type=int, metavar="N",
                        help="keep N experts in every MoE layer (needs --calib)")
     prune.add_argument("--prune-method", default="eep",
-                       choices=["eep", "frequency", "mass", "random", "reconstruct"],
+                       choices=["eep", "frequency", "mass", "reap", "random", "reconstruct"],
                        help="eep (default): evolutionary search over kept and merged experts; "
                             "or a baseline")
     prune.add_argument("--calib", metavar="TASKS|FILE",
@@ -83,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="examples per task, lines of a .jsonl or chunks of a .txt (32)")
     prune.add_argument("--search-budget", metavar="EVALS|TIME",
                        help="EEP search length: evaluations (default 400) or a time (90s, 5m)")
+    prune.add_argument("--search-batch", type=int, metavar="B",
+                       help="children the search makes from one archive state (default 8): "
+                            "how many candidates --ray workers score at once; the result is "
+                            "the same with and without --ray")
     prune.add_argument("--seed", type=int, default=0, help="seed of the search and of random")
     slim = p.add_argument_group("expert slimming (narrower experts; applied after --experts)")
     slim.add_argument("--expert-width", metavar="W",
@@ -117,22 +127,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip running the export in its runtime against the reference")
     p.add_argument("--device", default=None, help="torch device of the reference executor "
                    "(default: cuda when available, else cpu)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="spread calibration work (search candidates, token shards) over Ray "
+                        "workers: local:N (a cluster on this machine with N workers, for this "
+                        "run), auto (the cluster `ray start --head` runs here) or HOST:PORT "
+                        "(its head). Needs pip install 'moecompile[distributed]'")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"moecompile {__version__}")
     return p
 
 
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moecompile verify",
+        description="Check that a GGUF or ONNX file — also one moecompile did not write — "
+                    "computes what a checkpoint computes, within what its weight types allow: "
+                    "exit 0 if it does, 1 if it does not (saying where), 2 on bad input.")
+    p.add_argument("file", help="the .gguf or .onnx file")
+    p.add_argument("--against", required=True, metavar="MODEL",
+                   help="the Hugging Face checkpoint folder the file was made from")
+    p.add_argument("--device", default=None, help="torch device of the reference executor")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .job import run
+    from .job import run, verify_file
     from .options import Options
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verifying = bool(argv) and argv[0] == "verify"
+    args = (build_verify_parser().parse_args(argv[1:]) if verifying
+            else build_parser().parse_args(argv))
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="moecompile: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temp file
     say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     try:
+        if verifying:
+            return 0 if verify_file(args.file, args.against, args.device, say).passed else 1
         return run(Options.from_namespace(args), say).exit_code
     except UserError as exc:
         if args.debug:
@@ -145,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moecompile: verification failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("moecompile: interrupted; nothing was written", file=sys.stderr)
+        print("moecompile: interrupted; nothing was written (a long layer-major pass keeps its "
+              "progress: the same command resumes it)", file=sys.stderr)
         return 130
     except OSError as exc:  # a path the user gave cannot be read or written
         if args.debug:

@@ -21,9 +21,9 @@ from typing import Callable
 from . import __version__, frontend, ir
 from .analysis.calibration import CalibSet, build_calib
 from .analysis.eep import EEPConfig
+from .analysis.sensitivity import CalibKL, StreamingKL, streaming_kl
+from .distributed.engine import open_engine
 from .errors import UserError
-from .tasks.calibration import DEFAULT
-from .analysis.sensitivity import CalibKL
 from .exporters import target_for
 from .exporters.target import (Committed, TypePlan, TypeRequest, Variant, VariantSource,
                                write_json_atomic)
@@ -34,6 +34,8 @@ from .passes.prune_experts import PruneExperts
 from .passes.reduce_top_k import ReduceTopK
 from .passes.slim_experts import SlimExperts
 from .runtime.executor import default_device
+from .runtime.streaming import StreamingExecutor, streams
+from .tasks.calibration import DEFAULT
 
 log = logging.getLogger("moecompile")
 
@@ -63,7 +65,8 @@ def passes_for(options: Options, router_mode: str) -> list[Pass]:
     (and --shared-width), --top-k, --drop-blocks, --drop-moe-layers (the Python API composes
     them in any order)."""
     evaluations, seconds = options.search_length
-    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed)
+    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed,
+                       batch=options.batch)
     out: list[Pass] = []
     if options.experts is not None:
         out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
@@ -85,15 +88,21 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
     options.validate()
     model = frontend.load(options.model)
     router_mode = "exact" if target.holds_router_map else "onehot"
-    ctx = PassContext(device=options.device or default_device(), seed=options.seed,
-                      progress=not options.quiet, calibrate=_calibrator(options, say),
-                      explicit=options.calib is not None)
-    model = _run_passes(model, passes_for(options, router_mode), ctx, say)
-    request = TypeRequest(dtype=options.dtype, quant=options.quant,
-                          quant_map=Path(options.quant_map) if options.quant_map else None,
-                          budget=options.budget_bytes, budget_text=options.budget, ctx=options.ctx,
-                          workdir=_workdir(options))
-    plan = _choose_types(target, model, request, ctx, options, router_mode, say)
+    # the engine runs the calibration work (here, or on Ray workers); it is closed — a cluster
+    # it started shut down — before the file is written, and on any error or Ctrl-C
+    with open_engine(options.ray, options.device, say) as engine:
+        ctx = PassContext(device=options.device or default_device(), seed=options.seed,
+                          progress=not options.quiet, calibrate=_calibrator(options, say),
+                          explicit=options.calib is not None, engine=engine)
+        model = _run_passes(model, passes_for(options, router_mode), ctx, say)
+        request = TypeRequest(dtype=options.dtype, quant=options.quant,
+                              quant_map=Path(options.quant_map) if options.quant_map else None,
+                              budget=options.budget_bytes, budget_text=options.budget,
+                              ctx=options.ctx, sensitivity=options.sensitivity)
+        plan = _choose_types(target, model, request, ctx, options, router_mode, say)
+        engine_report = engine.report()
+    if options.ray:
+        say(_engine_line(engine_report))
     for line in plan.lines:
         say(line)
     if options.print_ir:
@@ -115,12 +124,27 @@ def run(options: Options, say: Callable[[str], None] = print) -> JobResult:
         launch_report = {"calibration": {"spec": ctx.calib.spec, "kind": ctx.calib.kind,
                                          "examples": ctx.calib.n_examples,
                                          "tokens": ctx.calib.n_tokens,
-                                         "given": options.calib is not None}, **launch_report}
+                                         "given": options.calib is not None},
+                         "engine": engine_report, **launch_report}
     result = commit(target, plan, out, verify=not options.no_verify, device=options.device,
                     progress=not options.quiet, extra_report=launch_report, say=say)
     for line in launch_lines:
         say(line)
     return result
+
+
+def verify_file(file: str, model_folder: str, device: str | None = None,
+                say: Callable[[str], None] = print):
+    """`moecompile verify FILE --against MODEL`: the target of the file's format checks it
+    against the checkpoint (exporters/*/target.py `verify_file`)."""
+    path = Path(file)
+    if path.suffix not in (".gguf", ".onnx") or not path.is_file():
+        raise UserError(f"{file}: expected a .gguf or .onnx file")
+    model = frontend.load(model_folder)
+    verdict = target_for(path.suffix[1:]).verify_file(path, model, device)
+    for line in verdict.lines():
+        say(line)
+    return verdict
 
 
 def compile_model(model: ir.Model, out: Path, target="gguf",
@@ -191,16 +215,6 @@ def _run_passes(model: ir.Model, passes: list[Pass], ctx: PassContext,
     return model
 
 
-def _workdir(options: Options) -> Path | None:
-    """The output's folder, where large scratch files go (it exists once validated)."""
-    if not options.output:
-        return None
-    out = Path(options.output)
-    folder = options.output.endswith(("/", "\\")) or out.is_dir()
-    where = out if folder and out.exists() else out.parent
-    return where if where.is_dir() else None
-
-
 def _choose_types(target, model: ir.Model, request: TypeRequest, ctx: PassContext,
                   options: Options, router_mode: str, say: Callable[[str], None]) -> TypePlan:
     """The target's type choice; with --allow-prune the target may also take fewer or
@@ -216,7 +230,10 @@ class PassVariants(VariantSource):
     --calib-n items of the same spec, where it has them): pruning and the width refit are
     fitted to the calibration set, so they are not judged on the data they were fitted to.
     (Measured on the bundled model at --calib-n 16, width 192 with refit: KL 0.0006 on the
-    calibration prompts and 0.0006 on the held-out ones — no optimism to speak of there.)"""
+    calibration prompts and 0.0006 on the held-out ones — no optimism to speak of there.)
+    A model too large to run token-major is measured layer-major (runtime/streaming.py): one
+    pass of the original keeps its top-K log-probabilities, one pass per variant is scored
+    against them."""
 
     def __init__(self, model: ir.Model, ctx: PassContext, options: Options, router_mode: str,
                  say: Callable[[str], None]):
@@ -225,6 +242,8 @@ class PassVariants(VariantSource):
         self.pruned: dict[int, ir.Model] = {}
         self.built: dict[tuple[int, int], Variant] = {}
         self.kl: CalibKL | None = None
+        self.held: CalibSet | None = None
+        self.reference: StreamingKL | None = None
 
     def __call__(self, experts: int, width: int) -> Variant:
         key = (experts, width)
@@ -239,13 +258,27 @@ class PassVariants(VariantSource):
                 model, _ = PassManager([slim]).run(model, self.ctx)
                 passes_run.append(f"width {width} ({self.options.width_method}, refit "
                                   f"{self.options.width_refit})")
-            if self.kl is None:
-                self.kl = CalibKL(self.model, self._held_out(), self.ctx.device)
-            loss = self.kl.of_model(model)
+            loss = self._loss(model)
             self.say(f"--allow-prune: measured {', '.join(passes_run)}: calibration KL "
                      f"{loss:.4f} ({time.monotonic() - t0:.0f} s)")
             self.built[key] = Variant(model, loss)
         return self.built[key]
+
+    def _loss(self, model: ir.Model) -> float:
+        """KL(original || model) on the held-out calibration data, at full precision."""
+        if self.held is None:
+            self.held = self._held_out()
+        device = self.ctx.device
+        if not streams(self.model):
+            if self.kl is None:
+                self.kl = CalibKL(self.model, self.held, device)
+            return self.kl.of_model(model)
+        if self.reference is None:
+            self.reference = StreamingKL()
+            StreamingExecutor(self.model, device).run(self.held.ids, self.held.mask,
+                                                      self.reference.consume)
+        return streaming_kl(model, self.held.ids, self.held.mask, self.reference,
+                            device=device)
 
     def _held_out(self) -> CalibSet:
         calib = self.ctx.calibration(self.model, "--allow-prune")
@@ -266,11 +299,20 @@ class PassVariants(VariantSource):
             return self.model
         if experts not in self.pruned:
             evaluations, seconds = self.options.search_length
-            config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=self.options.seed)
+            config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=self.options.seed,
+                               batch=self.options.batch)
             prune = PruneExperts(experts, self.options.prune_method, config, self.router_mode)
             self.pruned[experts], _ = PassManager([prune]).run(self.model, self.ctx)
         passes_run.append(f"{experts} experts ({self.options.prune_method})")
         return self.pruned[experts]
+
+
+def _engine_line(report: dict) -> str:
+    line = f"ray: {report['tasks']} shard task(s)"
+    if "candidates" in report:
+        line += f", {report['candidates']} candidates scored"
+    return (line + f" on {report['workers']} workers ({report['resent']} resent after a "
+            f"worker died, {report['replaced_workers']} workers replaced)")
 
 
 def _summary(committed: Committed, report_path: Path) -> list[str]:

@@ -15,6 +15,9 @@ from .sizes import parse_size
 from .widths import WidthRequest, parse as parse_width
 
 DEFAULT_EVALUATIONS = 400  # EEP's search length (the released config's total_iter)
+# children EEP makes from one archive state: how many candidates workers can score at once
+# (analysis/eep.py `search`); the same with and without --ray, so both find the same
+DEFAULT_SEARCH_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,11 @@ class Options:
     shared_width: str | None = None
     width_method: str = "wanda"
     width_refit: str = "lsq"
+    sensitivity: str = "auto"
     calib: str | None = None
     calib_n: int = 32
     search_budget: str | None = None
+    search_batch: int | None = None
     seed: int = 0
     top_k: int | None = None
     topk_method: str = "search"
@@ -49,6 +54,7 @@ class Options:
     drop_moe_layers: int = 0
     no_verify: bool = False
     device: str | None = None
+    ray: str | None = None
     quiet: bool = False
     debug: bool = False
 
@@ -86,6 +92,11 @@ class Options:
         return parse_search_budget(self.search_budget)
 
     @property
+    def batch(self) -> int:
+        """--search-batch, or its default."""
+        return DEFAULT_SEARCH_BATCH if self.search_batch is None else self.search_batch
+
+    @property
     def calibrated(self) -> bool:
         """Does some flag run the model on calibration data?"""
         return bool(self.searched or self.slimmed or self.drop_blocks or self.drop_moe_layers
@@ -102,6 +113,19 @@ class Options:
         if self.search_budget and not self.searched:
             raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
                             "with search")
+        if self.search_batch is not None and not self.searched:
+            raise UserError("--search-batch only applies to --experts, --allow-prune or --top-k "
+                            "with search")
+        if self.search_batch is not None and not 1 <= self.search_batch <= 4096:
+            raise UserError(f"--search-batch {self.search_batch}: must be between 1 and 4096")
+        if self.ray is not None:
+            if not (self.calibrated or (quantized and self.calib)):
+                raise UserError("--ray only applies to work on calibration data: --experts, "
+                                "--expert-width, --top-k, --drop-blocks, --drop-moe-layers, "
+                                "--budget, --quant auto, or --quant/--quant-map with --calib")
+            from .distributed.engine import check
+
+            check(self.ray)  # the address's form, and Ray installed
         for flag, value in (("--budget", self.budget), ("--gpu-mem", self.gpu_mem),
                             ("--ram", self.ram)):
             if value is not None:
@@ -114,9 +138,10 @@ class Options:
             raise UserError("--allow-prune applies to --budget (with --quant auto or no --quant) "
                             "without --experts or --expert-width (it chooses them)")
         self.expert_widths, self.shared_widths  # malformed widths fail here
-        if not self.slimmed and (self.width_method != "wanda" or self.width_refit != "lsq"):
-            raise UserError("--width-method/--width-refit apply to --expert-width or "
-                            "--shared-width")
+        if (not self.slimmed and not self.allow_prune
+                and (self.width_method != "wanda" or self.width_refit != "lsq")):
+            raise UserError("--width-method/--width-refit apply to --expert-width, "
+                            "--shared-width or --allow-prune")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k {self.top_k}: must be at least 1")
         if self.top_k is not None and self.experts is not None and self.top_k > self.experts:

@@ -7,7 +7,9 @@ the model in its history, and names the pass when the IR it left is broken: that
 the pass (exit 3), not bad input.
 
 What passes share comes in a `PassContext`: the device, the seed, whether to show progress,
-and the calibration data, built once per job on first use (`calibration()`).
+the calibration data, built once per job on first use (`calibration()`), and the engine that
+runs their independent work — candidates of a search, token shards of a calibration pass —
+in this process or on Ray workers (moecompile/distributed/).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 
 from moecompile import ir
 from moecompile.analysis.calibration import CalibSet
+from moecompile.distributed.engine import Engine
 from moecompile.errors import InternalError, UserError
 
 
@@ -37,6 +40,11 @@ class PassContext:
     calibrate: Callable[[ir.Model], CalibSet] | None = field(default=None, repr=False)
     # the user gave it (--calib): optional uses (an importance matrix for fixed types) take it
     explicit: bool = True
+    engine: Engine | None = None  # None: this process
+
+    def __post_init__(self):
+        if self.engine is None:
+            self.engine = Engine(self.device)
 
     @property
     def has_calibration(self) -> bool:
@@ -71,14 +79,16 @@ class Pass:
 
 
 def apply(p: Pass, model: ir.Model, calib: CalibSet | str | None = None, calib_n: int = 32,
-          device: str = "cpu", seed: int = 0, progress: bool = False) -> tuple[ir.Model, dict]:
+          device: str = "cpu", seed: int = 0, progress: bool = False,
+          engine: Engine | None = None) -> tuple[ir.Model, dict]:
     """Run one pass through the manager (verified, recorded in the history when it changed
-    the model): the Python API. `calib` is a calibration set or a --calib spec."""
+    the model): the Python API. `calib` is a calibration set or a --calib spec; `engine` (e.g.
+    a RayEngine) runs its independent work, this process by default."""
     from moecompile.analysis.calibration import build_calib
 
     if isinstance(calib, str):
         calib = build_calib(model, calib, calib_n)
-    ctx = PassContext(device=device, seed=seed, progress=progress, calib=calib)
+    ctx = PassContext(device=device, seed=seed, progress=progress, calib=calib, engine=engine)
     model, done = PassManager([p]).run(model, ctx)
     return model, done[0][1].report
 

@@ -21,10 +21,13 @@ import time
 from dataclasses import replace
 
 from moecompile import ir
-from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
+from moecompile.analysis.observers import SimilarityObserver
+from moecompile.analysis.shards import stream
 from moecompile.analysis.similarity import similarities
 from moecompile.errors import UserError
 from moecompile.runtime.executor import ReferenceExecutor
+from moecompile.runtime.streaming import streams
 
 from .base import Pass, PassContext, PassResult
 
@@ -62,6 +65,8 @@ class _Drop(Pass):
             return PassResult(model, False, report)
         t0 = time.monotonic()
         calib = ctx.calibration(model, self.flag)
+        if streams(model):
+            return self._run_streaming(model, ctx, calib, candidates, report, t0)
         block_sim, layer_sim = similarities(model, calib, ctx.device)
         sims = block_sim if self.kind == "blocks" else layer_sim
         chosen = sorted(sorted(candidates, key=lambda i: (-sims[i], i))[:self.m])
@@ -82,6 +87,33 @@ class _Drop(Pass):
             "seconds": round(time.monotonic() - t0, 2),
         })
         return PassResult(self.apply(model, chosen), True, report)
+
+    def _run_streaming(self, model, ctx, calib, candidates, report, t0) -> PassResult:
+        """At real size: the similarities and the original's fitness in one layer-major pass,
+        the chosen model's fitness in a second; the cost of each single drop would take a pass
+        per candidate and is not measured here."""
+        # both passes split the calibration examples over the engine's workers
+        observer, before = stream(ctx.engine, model, calib, SimilarityObserver(model),
+                                  StreamingFitness(calib), what=("similarity",),
+                                  progress="similarities" if ctx.progress else None)
+        block_sim, layer_sim = observer.similarities()
+        sims = block_sim if self.kind == "blocks" else layer_sim
+        chosen = sorted(sorted(candidates, key=lambda i: (-sims[i], i))[:self.m])
+        trimmed = self.apply(model, chosen)
+        _, after = stream(ctx.engine, trimmed, calib, None,
+                          StreamingFitness(calib, before if calib.kind == "text" else None),
+                          what=("fitness",))
+        report.update({
+            "calib": calib.spec,
+            "dropped": chosen,
+            "similarity": {str(i): round(sims[i], 6) for i in candidates},
+            "fitness_before": round(before.value(), 6),
+            "fitness_single_drop": None,
+            "fitness": round(after.value(), 6),
+            "executor": "streaming",
+            "seconds": round(time.monotonic() - t0, 2),
+        })
+        return PassResult(trimmed, True, report)
 
     def summary(self, report: dict) -> str | None:
         if not report["count"]:

@@ -21,8 +21,11 @@ from moecompile import ir
 from moecompile.analysis import baselines
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, moe_layers
-from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.observers import RouterObserver
+from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
+from moecompile.runtime.streaming import streams
 
 from .base import Pass, PassContext, PassResult
 
@@ -69,41 +72,86 @@ class PruneExperts(Pass):
         self.config = config
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if streams(model):
+            return self._run_streaming(model, ctx)
         n_experts = check_request(model, self.n_keep, self.method)
         n_keep, method, router_mode = self.n_keep, self.method, self.router_mode
         t0 = time.monotonic()
         calib = ctx.calibration(model, "--experts")
         layers = moe_layers(model)
         io = baselines.collect_layer_io(model, calib, ctx.device)
-        evaluator = FitnessEvaluator(model, calib, ctx.device, router_mode=router_mode)
-        report: dict = {"pass": self.name, "method": method, "experts": n_keep,
-                        "experts_before": n_experts, "calib": calib.spec,
-                        "calib_examples": calib.n_examples, "fitness_kind":
-                        "accuracy" if calib.kind == "tasks" else "neg_kl", "seed": ctx.seed}
-        report["fitness_unpruned"] = round(evaluator.fitness({}), 6)
-        if method == "eep":
-            starts = {name: baselines.choose(name, model, io, n_keep, ctx.seed, ctx.device)
-                      for name in baselines.BASELINES}
-            config = self.config or EEPConfig(seed=ctx.seed)
-            result = search(evaluator.fitness, layers, n_experts, n_keep, starts, config,
-                            router_mode, ctx.progress)
-            plans = result.plans
-            report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
-            report["phase1_best"] = round(result.phase1_best, 6)
-            report["evaluations"] = result.evaluations
-            report["cache_hits"] = evaluator.cache_hits
-            step = max(1, len(result.history) // HISTORY_POINTS)
-            report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
-            report["router_mode"] = router_mode
-        else:
-            plans = baselines.choose(method, model, io, n_keep, ctx.seed, ctx.device)
-        report["fitness"] = round(evaluator.fitness(plans), 6)
+        # candidates are scored where the job's engine runs them: here, or on Ray workers
+        scorer = ctx.engine.candidates(model, calib, router_mode)
+        try:
+            report: dict = {"pass": self.name, "method": method, "experts": n_keep,
+                            "experts_before": n_experts, "calib": calib.spec,
+                            "calib_examples": calib.n_examples, "fitness_kind":
+                            "accuracy" if calib.kind == "tasks" else "neg_kl", "seed": ctx.seed}
+            report["fitness_unpruned"] = round(scorer.score({}), 6)
+            if method == "eep":
+                starts = {name: baselines.choose(name, model, io, n_keep, ctx.seed, ctx.device)
+                          for name in baselines.EEP_STARTS}
+                config = self.config or EEPConfig(seed=ctx.seed)
+                result = search(scorer, layers, n_experts, n_keep, starts, config,
+                                router_mode, ctx.progress)
+                plans = result.plans
+                report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
+                report["phase1_best"] = round(result.phase1_best, 6)
+                report["evaluations"] = result.evaluations
+                report["search_batch"] = config.batch
+                step = max(1, len(result.history) // HISTORY_POINTS)
+                report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
+                report["router_mode"] = router_mode
+            else:
+                plans = baselines.choose(method, model, io, n_keep, ctx.seed, ctx.device)
+            report["fitness"] = round(scorer.score(plans), 6)
+        finally:
+            scorer.close()
         report["seconds"] = round(time.monotonic() - t0, 2)
         report["layers"] = {str(layer): plan.to_dict() for layer, plan in plans.items()}
         pruned = apply_plans(model, plans, router_mode=router_mode)
         top_k = model.blocks[layers[0]].ffn.top_k
         if n_keep < top_k:
             report["top_k_clamped"] = [top_k, n_keep]
+        return PassResult(pruned, True, report)
+
+    def _run_streaming(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """The same pass for a model too large to hold as float32: one layer-major pass of
+        the original gathers the router statistics (and its fitness), the baseline chooses from
+        them, a second pass measures the pruned model's fitness. EEP and reconstruct need a
+        forward per candidate or per subset and are refused here with the alternatives."""
+        n_experts = check_request(model, self.n_keep, self.method)
+        if self.method in ("eep", "reconstruct"):
+            raise UserError(f"--prune-method {self.method} runs the model once per candidate "
+                            "and does not run at this size yet; use frequency, mass or reap "
+                            "(one streaming pass each)")
+        t0 = time.monotonic()
+        calib = ctx.calibration(model, "--experts")
+        # both passes split the calibration examples over the engine's workers
+        router, original = stream(ctx.engine, model, calib, RouterObserver(),
+                                  StreamingFitness(calib), what=("router",),
+                                  progress="router statistics" if ctx.progress else None)
+        plans = baselines.choose(self.method, model, baselines.stats_from(router), self.n_keep,
+                                 ctx.seed, ctx.device)
+        pruned = apply_plans(model, plans, router_mode=self.router_mode)
+        _, after = stream(ctx.engine, pruned, calib, None,
+                          StreamingFitness(calib, original if calib.kind == "text" else None),
+                          what=("fitness",),
+                          progress="pruned model's fitness" if ctx.progress else None)
+        layers = moe_layers(model)
+        report = {"pass": self.name, "method": self.method, "experts": self.n_keep,
+                  "experts_before": n_experts, "calib": calib.spec,
+                  "calib_examples": calib.n_examples,
+                  "fitness_kind": "accuracy" if calib.kind == "tasks" else "neg_kl",
+                  "seed": ctx.seed, "executor": "streaming",
+                  "fitness_unpruned": round(original.value(), 6),
+                  "fitness": round(after.value(), 6),
+                  "coverage": router.coverage(),
+                  "seconds": round(time.monotonic() - t0, 2),
+                  "layers": {str(layer): plan.to_dict() for layer, plan in plans.items()}}
+        top_k = model.blocks[layers[0]].ffn.top_k
+        if self.n_keep < top_k:
+            report["top_k_clamped"] = [top_k, self.n_keep]
         return PassResult(pruned, True, report)
 
     def summary(self, report: dict) -> str:

@@ -22,8 +22,10 @@ from dataclasses import replace
 from moecompile import ir
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
-from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
+from moecompile.runtime.streaming import streams
 
 from .base import Pass, PassContext, PassResult
 from .prune_experts import check_one_width
@@ -74,25 +76,52 @@ class ReduceTopK(Pass):
             check_one_width(model, "--topk-method search")
         calib = ctx.calibration(model, "--topk-method search")
         report["calib"] = calib.spec
-        reference = FitnessEvaluator(model, calib, ctx.device)
-        report["fitness_before"] = round(reference.fitness({}), 6)
-        evaluator = FitnessEvaluator(plain, calib, ctx.device, router_mode="logits")
-        report["fitness_plain"] = round(evaluator.fitness({}), 6)
-        if method == "plain":
-            result_model = plain
-            report["fitness"] = report["fitness_plain"]
-        else:
-            layers = moe_layers(plain)
-            identity = {i: keep_plan(list(range(n_experts)), n_experts) for i in layers}
-            config = self.config or EEPConfig(seed=ctx.seed)
-            found = search(evaluator.fitness, layers, n_experts, n_experts, {"plain": identity},
-                           config, "logits", ctx.progress)
-            result_model = apply_plans(plain, found.plans, router_mode="logits")
-            report["fitness"] = round(found.fitness, 6)
-            report["evaluations"] = found.evaluations
-            report["layers"] = {str(i): p.to_dict() for i, p in found.plans.items()}
+        if streams(model):
+            return self._run_streaming(model, plain, ctx, calib, report, t0)
+        # candidates are scored where the job's engine runs them: here, or on Ray workers
+        reference = ctx.engine.candidates(model, calib)
+        try:
+            report["fitness_before"] = round(reference.score({}), 6)
+        finally:
+            reference.close()
+        scorer = ctx.engine.candidates(plain, calib, "logits")
+        try:
+            report["fitness_plain"] = round(scorer.score({}), 6)
+            if method == "plain":
+                result_model = plain
+                report["fitness"] = report["fitness_plain"]
+            else:
+                layers = moe_layers(plain)
+                identity = {i: keep_plan(list(range(n_experts)), n_experts) for i in layers}
+                config = self.config or EEPConfig(seed=ctx.seed)
+                found = search(scorer, layers, n_experts, n_experts, {"plain": identity},
+                               config, "logits", ctx.progress)
+                result_model = apply_plans(plain, found.plans, router_mode="logits")
+                report["fitness"] = round(found.fitness, 6)
+                report["evaluations"] = found.evaluations
+                report["search_batch"] = config.batch
+                report["layers"] = {str(i): p.to_dict() for i, p in found.plans.items()}
+        finally:
+            scorer.close()
         report["seconds"] = round(time.monotonic() - t0, 2)
         return PassResult(result_model, True, report)
+
+    def _run_streaming(self, model, plain, ctx, calib, report, t0) -> PassResult:
+        """At real size: plain top-k, scored by one layer-major pass before and one after. The
+        search runs the model once per candidate and is refused here with the alternative."""
+        if self.method == "search":
+            raise UserError("--topk-method search runs the model once per candidate and does "
+                            "not run at this size yet; use --topk-method plain")
+        _, before = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
+                           what=("fitness",))
+        _, after = stream(ctx.engine, plain, calib, None,
+                          StreamingFitness(calib, before if calib.kind == "text" else None),
+                          what=("fitness",))
+        report.update({"fitness_before": round(before.value(), 6),
+                       "fitness_plain": round(after.value(), 6),
+                       "fitness": round(after.value(), 6), "executor": "streaming",
+                       "seconds": round(time.monotonic() - t0, 2)})
+        return PassResult(plain, True, report)
 
     def summary(self, report: dict) -> str:
         k, before = report["top_k"], report["top_k_before"]

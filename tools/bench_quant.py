@@ -161,6 +161,36 @@ def plot(rows: list[dict], original: dict, png: Path) -> None:
     print(f"plot: {png}")
 
 
+def compare_sensitivity(args) -> None:
+    """--compare-sensitivity: at each size where auto has a choice, --quant auto with the full
+    sensitivity (one whole-model forward per group and type) against the layer-local one
+    (what a model too large to run whole gets): KL and accuracy, paired."""
+    fixed = context_bytes(frontend.load(args.model), CTX)
+    calib = ["--calib", args.calib, "--calib-n", str(args.calib_n)]
+    base = open_backend(args.model)
+    tasks = list(TASKS)
+    print("| auto at the size of | KL full | KL local | accuracy full | accuracy local | local - "
+          "full [95% CI] | only local / only full |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in ("q6_k", "q4_k", "q3_k"):
+            uniform = Path(tmp) / f"{qtype}.gguf"
+            compile_gguf(args.model, uniform, "--quant", qtype)
+            budget = weights_bytes(uniform) + fixed
+            got = {}
+            for method in ("full", "local"):
+                path = Path(tmp) / f"auto-{qtype}-{method}.gguf"
+                compile_gguf(args.model, path, "--quant", "auto", "--budget", str(budget),
+                             "--ctx", str(CTX), "--sensitivity", method, *calib)
+                got[method] = measure(path, base, tasks, args.n)
+            pair = paired_difference(got["local"]["correct"], got["full"]["correct"])
+            print(f"| {qtype} | {got['full']['kl']:.5f} | {got['local']['kl']:.5f} | "
+                  f"{got['full']['accuracy']:.3f} | {got['local']['accuracy']:.3f} | "
+                  f"{pair['diff'] * 100:+.2f} [{pair['low'] * 100:+.2f}, "
+                  f"{pair['high'] * 100:+.2f}] | {pair['a_only']} / {pair['b_only']} |",
+                  flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "models" / "moe-tiny"))
@@ -170,7 +200,12 @@ def main() -> None:
     p.add_argument("--calib-n", type=int, default=16)
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "bench_quant.png")
     p.add_argument("--json", type=Path, help="also write every row, prompt outcomes included")
+    p.add_argument("--compare-sensitivity", action="store_true",
+                   help="only compare --quant auto's full and layer-local sensitivity")
     args = p.parse_args()
+    if args.compare_sensitivity:
+        compare_sensitivity(args)
+        return
     rows, original = run(args)
     if args.json:
         args.json.write_text(json.dumps({"original": original, "rows": rows}))

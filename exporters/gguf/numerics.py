@@ -1,22 +1,18 @@
-"""The numbers llama.cpp computes with for a GGUF: weights as the file stores them, and each
-matmul's input rounded the way ggml-cpu's kernel for that weight type rounds it.
-
-Plugged into the reference executor (moecompile.runtime.executor.Numerics), they let
-verification hold a rounded export to a tight tolerance instead of a loose one. Keyed by IR
-path, so a tied embedding and output head can differ.
+"""How ggml-cpu computes, where it differs from torch in more than accumulation order: each
+matmul's input rounded for the weight's kernel, RMSNorm and RoPE's tables. The other half,
+beside the weights the file stores (reader.FileNumerics), of the numbers llama.cpp computes
+with. A last-bit difference here is not harmless: the next activation rounding turns it into
+a whole rounding step now and then, attention spreads it and a near-tied router turns it into
+another expert (measured: a norm 1.4e-7 apart became 8.7e-3 at a MoE's output), so the
+reference mirrors ggml's arithmetic exactly where it can.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import gguf
 import numpy as np
 import torch
 
-from moecompile import ir
-
-from .types import Q, ggml, roundtrip
+from .types import Q, roundtrip
 
 # matmul input type of llama.cpp's CPU kernels per weight type (ggml type_traits vec_dot_type)
 _KERNEL_INPUT = {Q.Q8_0: Q.Q8_0, Q.Q4_0: Q.Q8_0, Q.Q5_0: Q.Q8_0, Q.Q4_1: Q.Q8_0, Q.Q5_1: Q.Q8_0,
@@ -38,71 +34,54 @@ def round_q8_k(x: np.ndarray) -> np.ndarray:
     return out.astype(np.float32).reshape(shape)
 
 
+def round_q8_0(x: np.ndarray) -> np.ndarray:
+    """Values after ggml-cpu's x86 quantize_row_q8_0 (the SIMD path, not the _ref one gguf-py
+    mirrors): d = fp16(amax/127) but the codes from id = 127/amax, rounded half to even. The
+    two differ on exact ties, frequent in the first layer, whose input comes from bf16/Q8_0
+    values (measured: 11 of 8192 codes, q/k/v off by 3.4e-3 of their scale, logits by 3)."""
+    shape = x.shape
+    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ident = np.where(amax == 0, np.float32(0), np.float32(127) / amax).astype(np.float32)
+    return (np.rint(blocks * ident) * d).astype(np.float32).reshape(shape)
+
+
 def kernel_input(weight_type: Q | None, x: torch.Tensor) -> torch.Tensor:
     """`x` rounded the way llama.cpp's CPU kernel for a `weight_type` matmul rounds its input."""
     kernel = _KERNEL_INPUT.get(weight_type)
     if kernel is None or x.numel() == 0:
         return x
     array = x.detach().cpu().numpy()
-    rounded = round_q8_k(array) if kernel == Q.Q8_K else roundtrip(array, kernel)
+    rounded = (round_q8_k(array) if kernel == Q.Q8_K else round_q8_0(array)
+               if kernel == Q.Q8_0 else roundtrip(array, kernel))
     return torch.from_numpy(rounded).to(x.device)
 
 
-class StoredNumerics:
-    """What a GGUF written from `model` computes with: each weight rounded to its IR type
-    (what the writer encodes), each matmul input rounded for that type."""
-
-    def __init__(self, model: ir.Model):
-        self.types = {path: ggml(name) for path, name in model.types.items()}
-        self.exact = all(t == Q.F32 for t in self.types.values())
-
-    def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor:
-        value = tensor.value().to(torch.float32)
-        qtype = self.types.get(path, Q.F32)
-        return value if qtype == Q.F32 else torch.from_numpy(roundtrip(value.numpy(), qtype))
-
-    def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        return kernel_input(self.types.get(path), x)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ggml's RMSNorm (ops.cpp): squares summed in float64, the mean cast to float32,
+    scale = 1/sqrtf(mean + eps), (x * scale) * weight — bit for bit what llama.cpp computes."""
+    xs = x.detach().cpu().numpy().astype(np.float32)
+    mean = ((xs * xs).astype(np.float64).sum(-1, keepdims=True) / xs.shape[-1]).astype(np.float32)
+    scale = (np.float32(1) / np.sqrt(mean + np.float32(eps))).astype(np.float32)
+    y = (xs * scale).astype(np.float32) * weight.detach().cpu().numpy().astype(np.float32)
+    return torch.from_numpy(y.astype(np.float32)).to(x.device)
 
 
-class FileNumerics:
-    """What a GGUF file computes with: every weight dequantized from the file's own bytes
-    (whatever llama.cpp's quantizer chose), every matmul input rounded as the CPU kernel for
-    that weight type rounds it. `planned` (writer.plan) says which IR paths each tensor holds
-    and the row transform to undo."""
-
-    def __init__(self, path: Path, planned: list):
-        reader = gguf.GGUFReader(str(path))
-        data = {t.name: t for t in reader.tensors}
-        self.values: dict[str, np.ndarray] = {}
-        self.types: dict[str, Q] = {}
-        self.exact = True
-        for p in planned:
-            t = data[p.name]
-            qtype = Q(t.tensor_type)
-            if qtype == Q.F32:
-                continue
-            self.exact = False
-            value = gguf.quants.dequantize(t.data, qtype).reshape(p.shape)
-            parts = [value] if len(p.paths) == 1 else list(value)
-            for ir_path, v in zip(p.paths, parts):
-                self.values[ir_path] = _undo(p.transform, np.asarray(v, dtype=np.float32))
-                self.types[ir_path] = qtype
-
-    def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor:
-        hit = self.values.get(path)
-        return tensor.value().to(torch.float32) if hit is None else torch.from_numpy(hit)
-
-    def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        return kernel_input(self.types.get(path), x)
-
-
-def _undo(transform, value: np.ndarray) -> np.ndarray:
-    """Invert an export-time row permutation (llama's q/k reordering) by permuting indices."""
-    if transform is None:
-        return value
-    index = torch.arange(value.shape[0], dtype=torch.float64)[:, None].expand(-1, value.shape[1])
-    order = transform(index.clone())[:, 0].round().long().numpy()
-    out = np.empty_like(value)
-    out[order] = value
-    return out
+def rope_tables(positions: torch.Tensor, rope, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos/sin as ggml builds them: theta_{i+1} = theta_i * powf(base, -2/dim) in
+    float32 (torch computes base^(-i/dim) directly: 3e-6 apart at far positions)."""
+    half = rope.dim // 2
+    step = np.float32(np.power(np.float32(rope.theta), np.float32(-2.0) / np.float32(rope.dim),
+                               dtype=np.float32))
+    theta = np.empty(tuple(positions.shape) + (half,), np.float32)
+    current = positions.cpu().numpy().astype(np.float32)
+    for i in range(half):
+        theta[..., i] = current
+        current = (current * step).astype(np.float32)
+    cos = np.cos(theta.astype(np.float64)).astype(np.float32)
+    sin = np.sin(theta.astype(np.float64)).astype(np.float32)
+    cos, sin = (torch.from_numpy(np.concatenate([t, t], -1))[:, None].to(device)
+                for t in (cos, sin))
+    return cos, sin

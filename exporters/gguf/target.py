@@ -3,9 +3,10 @@
 Weight types: the unit of choice is a GGUF tensor (llama.cpp stores a layer's experts as one
 stacked tensor, so per-expert precision is not possible here); `--quant auto` groups them
 further (a layer's attention, each stacked expert projection, a shared expert, the embedding,
-the output head). `--dtype` types are written by moecompile's own writer; `--quant`,
-`--quant-map` and `--quant auto` go through llama.cpp's quantizer (quantizer.py), with an
-importance matrix from `--calib` when given.
+the output head). Every type is written by moecompile's own writer, tensor by tensor, k-quants
+and i-quants through ggml's own quantizer (ggml.py: the bytes llama.cpp's quantizer writes),
+with an importance matrix from `--calib` when given for --quant/--quant-map, and always for
+--quant auto and --budget.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,22 +24,24 @@ from moecompile.analysis import allocate, imatrix, sensitivity
 from moecompile.analysis.allocate import Structure
 from moecompile.errors import UserError
 from moecompile.runtime.llama_worker import run_llama_cpp
+from moecompile.runtime.streaming import streams
 from moecompile.sizes import format_size, parse_size
-from moecompile.verify import N_TOKENS, compare_with_reference, fixed_tokens
+from moecompile.verify import compare_with_reference, verification_tokens
 from moecompile.widths import block_friendly
 
 from ..quant_map import match_rules, read_rules
-from ..target import (BudgetUnreachable, Committed, Target, TypePlan, TypeRequest, VariantSource,
-                      failed_name, resolve_ctx, temp_path, type_table, types_entry)
+from ..target import (BudgetUnreachable, Committed, FileVerdict, Target, TypePlan, TypeRequest,
+                      VariantSource, failed_name, resolve_ctx, temp_path, type_table, types_entry)
 from . import arch as gguf_arch
-from . import imatrix_dat, memory, offload, writer
-from .numerics import FileNumerics, StoredNumerics
-from .quantizer import quantize_file, read_tensors
-from .types import DTYPES, block_size, ggml, keeps_f32, parse_type, stored_type, tensor_bytes
+from . import check, imatrix_dat, memory, offload, writer
+from .reader import FileNumerics, read_tensors
+from .types import DTYPES, block_size, ggml as ggml_type, keeps_f32, parse_type, roundtrip
+from .types import stored_type, tensor_bytes
 
 log = logging.getLogger("moecompile")
 
 CANDIDATES = ("q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")  # --quant auto's
+LOCAL_PROBE = "q4_k"  # the type every group takes at once to fit layer-local errors to KL
 
 
 def group_of(name: str) -> str:
@@ -157,7 +159,7 @@ class GGUFTarget(Target):
                     by_tensor: dict[str, str] | None, importance=None,
                     check: bool = True) -> TypePlan:
         """The plan for GGUF tensor types `by_tensor` (None: --dtype's), checked against the
-        budget; with llama.cpp's quantizer, an importance matrix when calibration is at hand."""
+        budget; for chosen types, an importance matrix when calibration was given."""
         if by_tensor is None:
             dtype = request.dtype if request.dtype != "auto" else lossless_dtype(model)
             if dtype not in DTYPES:
@@ -167,7 +169,6 @@ class GGUFTarget(Target):
         else:
             typed = self.typed(model, by_tensor)
             label = request.quant if method == "uniform" else "mixed"
-        quantizer = by_tensor is not None
         weights = self.weight_bytes(typed)
         mem = memory.memory(typed, weights, n_ctx)
         report: dict = {"ctx": n_ctx, "memory": mem.to_dict()}
@@ -188,11 +189,21 @@ class GGUFTarget(Target):
                 raise UserError(f"--budget {request.budget_text}: this configuration needs "
                                 f"{format_size(mem.total_bytes)} ({mem.describe(n_ctx)}); "
                                 "leave out the type flags to let --budget choose")
-        if quantizer and importance is None and ctx.has_calibration:
+        if by_tensor is not None and importance is None and ctx.has_calibration:
             importance = self.importance(model, ctx)
+        if importance is not None:
+            report["importance_coverage"] = importance[2]
+            rare = importance[2]["rare_experts"]
+            if rare:
+                how = ("topped up with the tokens of their highest router logits"
+                       if importance[2]["topped_up"] else
+                       f"{sum(n == 0 for n in rare.values())} by none (uniform importance)")
+                lines.append(f"importance matrix: {len(rare)} expert(s) reached by fewer than "
+                             f"{importance[2]['min_tokens']} calibration tokens, {how}")
         typed = typed.with_history(types_entry(self.name, method, label, typed))
         return TypePlan(typed, label, weights, report, lines,
-                        {"quantizer": quantizer, "importance": importance})
+                        {"dtype": label if by_tensor is None else "mixed",
+                         "importance": importance})
 
     def width_fallbacks(self, model: ir.Model, asked: dict[str, str]) -> list[dict]:
         """Down projections of a slimmed model whose width (their row length) makes llama.cpp
@@ -216,8 +227,8 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "the importance matrix")
         quantizable = self.quantizable(model)
         paths = {p for t in quantizable for p in t.paths}
-        found = imatrix.collect(model, calib, paths, ctx.device)
-        return imatrix_dat.by_tensor(quantizable, found), found.sequences
+        found = imatrix.collect(model, calib, paths, ctx.device, ctx.progress, ctx.engine)
+        return imatrix_dat.by_tensor(quantizable, found), found.sequences, found.coverage(paths)
 
     def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):
         """--quant auto: measured sensitivity, then the lowest predicted loss that fits. A
@@ -238,17 +249,27 @@ class GGUFTarget(Target):
                 f"{n_ctx} {format_size(fixed)}){hint}", experts)
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
-        sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
-                                ctx.progress)
-        group_types, total, predicted = allocate.choose(
-            sens, lambda g, name: self.group_bytes(groups[g], name), unquantized,
-            request.budget - fixed)
+        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
+                                                            request, ctx)
+        size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
+        if local:
+            group_types, total, predicted, measured, tried = allocate.choose_measured(
+                sens, size, unquantized, request.budget - fixed,
+                lambda g: g.endswith("_exps"), measure)
+        else:
+            group_types, total, predicted = allocate.choose(sens, size, unquantized,
+                                                            request.budget - fixed)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
-        lines = [f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
-                 f"predicted KL {predicted:.4f}"] + type_table(group_types, _group_kind)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens}
-        return by_tensor, importance, quant, lines
+        line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
+                f"predicted KL {predicted:.4f}")
+        if local:
+            quant.update(measured_kl=measured, mixes_measured=tried, sensitivity_method=info)
+            line += (f", measured {measured:.4f} end to end (layer-local sensitivity on "
+                     f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
+        return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
 
     def _auto_structured(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx,
                          variants: VariantSource):
@@ -284,8 +305,9 @@ class GGUFTarget(Target):
                 f"{n_ctx} {format_size(fixed)})", None)
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
-        sens = self.sensitivity(model, calib, importance[0], ctx.device, request.workdir,
-                                ctx.progress)
+        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        sens, local, info, _ = self._type_sensitivity(model, calib, units, importance, request,
+                                                      ctx)
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
@@ -296,7 +318,7 @@ class GGUFTarget(Target):
                                             request.budget - fixed, loss_of)
         if choice.structure != full:
             model = built[choice.structure].model
-            importance = self.importance(model, ctx)  # the quantizer needs the variant's shapes
+            importance = self.importance(model, ctx)  # the writer needs the variant's shapes
         chosen = self.groups(model)
         by_tensor = {t.name: choice.group_types[g] for g, ts in chosen.items() for t in ts}
         type_loss = choice.predicted - choice.structure_loss
@@ -314,10 +336,12 @@ class GGUFTarget(Target):
             else:
                 lines.append(f"  {what}: at least {o['bound']:.4f}, not measured")
         lines += [f"quant auto: {len(choice.group_types)} groups, weights "
-                  f"{format_size(choice.total)}, predicted KL {choice.predicted:.4f}"]
+                  f"{format_size(choice.total)}, predicted KL {choice.predicted:.4f}"
+                  + (f" (layer-local sensitivity on {info['tokens']} tokens)" if local else "")]
         lines += type_table(choice.group_types, _group_kind)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": choice.predicted,
                  "groups": choice.group_types, "sensitivity": sens,
+                 **({"sensitivity_method": info} if local else {}),
                  "structure": {"experts": choice.structure.experts,
                                "width": choice.structure.width,
                                "experts_before": full.experts, "width_before": full.width,
@@ -340,31 +364,51 @@ class GGUFTarget(Target):
         return [Structure(n, w) for n in sorted(counts, reverse=True)
                 for w in sorted(widths, reverse=True)]
 
-    def sensitivity(self, model: ir.Model, calib, importance, device: str,
-                    workdir: Path | None, progress: bool) -> dict[str, dict[str, float]]:
-        """KL(original || model with only this group at this type), mean over calibration
-        tokens. Each candidate type is applied by llama.cpp's quantizer to the whole model
-        once and read back dequantized; then one group at a time takes those weights."""
-        groups = self.groups(model)
-        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
-        planned = self.planned(model)
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            source = Path(tmp) / "f32.gguf"
-            writer.export(model, source, self.check(model), "f32", f32=True, progress=False)
+    def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
+                          importance, request: TypeRequest, ctx):
+        """(unit -> type -> predicted KL, whether it is layer-local, how it was measured,
+        measure(mix): a mix's KL end to end — None for the full sensitivity, which measures
+        each unit end to end already). Layer-local when asked, or (auto) when the model
+        streams."""
+        rounding = self._rounding(model, importance[0])
+        local = request.sensitivity == "local" or (request.sensitivity == "auto"
+                                                   and streams(model))
+        if not local:
+            sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
+                                       ctx.device, ctx.progress)
+            return sens, False, {"method": "full"}, None
+        sens, info, check = sensitivity.local_losses(
+            model, calib, units, list(CANDIDATES), rounding, LOCAL_PROBE, ctx.device,
+            ctx.progress)
 
-            @contextmanager
-            def rounded(name: str):
-                target = Path(tmp) / f"{name}.gguf"
-                quantize_file(source, target, {t.name: ggml(stored_type(t.name, t.shape, name))
-                                               for ts in groups.values() for t in ts},
-                              importance)
-                numerics = FileNumerics(target, planned)
-                target.unlink()
-                yield lambda path, tensor: (torch.from_numpy(numerics.values[path])
-                                            if path in numerics.values else None)
+        def measure(mix: dict[str, str]) -> float:
+            chosen = {p: mix[g] for g, paths in units.items() for p in paths}
+            with rounding(None, chosen) as value:
+                return check(set(chosen), value)
 
-            return sensitivity.measure(model, calib, units, list(CANDIDATES), rounded, device,
-                                       progress)
+        return sens, True, info, measure
+
+    def _rounding(self, model: ir.Model, importance: dict | None):
+        """`rounding(name)`: a context giving value(path, tensor), the weight as a file of type
+        `name` holds it (ggml's rounding with its importance slice), for the quantizable
+        tensors; `rounding(None, types)` rounds each path to its own type. Quantization is
+        row-wise, so llama's q/k row order does not matter."""
+        where = {p: (t, i) for t in self.quantizable(model) for i, p in enumerate(t.paths)}
+
+        @contextmanager
+        def rounding(name: str | None, types: dict[str, str] | None = None):
+            def value(path: str, tensor: ir.Tensor) -> torch.Tensor | None:
+                t, index = where[path]
+                kind = name if types is None else types[path]
+                qtype = ggml_type(stored_type(t.name, t.shape, kind))
+                n = tensor.shape[-1]
+                imatrix = None if importance is None else importance[t.name][index * n:
+                                                                              (index + 1) * n]
+                return torch.from_numpy(roundtrip(tensor.value().to(torch.float32).numpy(),
+                                                  qtype, imatrix))
+            yield value
+
+        return rounding
 
     def _experts_that_fit(self, model, smallest: dict[str, int], unquantized: int,
                           weight_budget: int) -> int | None:
@@ -379,44 +423,30 @@ class GGUFTarget(Target):
     # ------------------------------------------------------------------ commit
     def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
                progress: bool = True) -> Committed:
-        """Export under a temporary name (an F32 file first when llama.cpp's quantizer makes
-        the types), verify, rename to OUT or OUT.FAILED.gguf; the importance matrix goes beside
-        it as OUT.imatrix.dat. Any error or Ctrl-C removes what was written."""
+        """Export under a temporary name (each tensor quantized as it is written, with its
+        importance vector when there is one), verify, rename to OUT or OUT.FAILED.gguf; the
+        importance matrix goes beside it as OUT.imatrix.dat. Any error or Ctrl-C removes what
+        was written."""
         model = plan.model
         arch = self.check(model)
-        quantizer = plan.details.get("quantizer", False)
         importance = plan.details.get("importance")
         tmp = temp_path(out)
-        source = tmp.with_name(tmp.name + ".f32")
         dat = out.with_suffix(".imatrix.dat")
         dat_tmp = temp_path(dat)
-        planned = writer.plan(model, arch)
         try:
             try:
-                if quantizer:
-                    writer.export(model, source, arch, "f32", f32=True, progress=progress)
-                    log.info("quantizing with llama.cpp (%d tensors typed)", len(planned))
-                    quantize_file(source, tmp, {t.name: t.qtype for t in planned
-                                                if not keeps_f32(t.name, t.shape)},
-                                  importance[0] if importance else None)
-                    source.unlink()
-                else:
-                    writer.export(model, tmp, arch, plan.label, progress=progress)
+                writer.export(model, tmp, arch, importance[0] if importance else None,
+                              progress=progress)
                 if importance:
-                    imatrix_dat.write_dat(dat_tmp, *importance)
+                    imatrix_dat.write_dat(dat_tmp, *importance[:2])
             except OSError as exc:
                 raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
-            # what the file holds: llama.cpp's quantizer chose the final types, our writer its own
-            written = (read_tensors(tmp) if quantizer else
-                       [(t.name, t.shape, t.qtype, t.nbytes) for t in planned])
+            written = read_tensors(tmp)
             verification = None
             if verify:
                 log.info("verifying %s in llama.cpp against the reference executor", out.name)
-                numerics = FileNumerics(tmp, planned) if quantizer else StoredNumerics(model)
-                ids = fixed_tokens(model.vocab, min(N_TOKENS, model.context_length))
-                got = run_llama_cpp(tmp, ids)
-                verification = compare_with_reference("llama.cpp", got, model, ids, numerics,
-                                                      device)
+                findings, verification = self._verify(tmp, model, arch, device)
+                verification = verification.with_findings(findings)
             final = out if verification is None or verification.passed else failed_name(out)
             files = [final]
             if importance:
@@ -424,11 +454,11 @@ class GGUFTarget(Target):
                 files.append(dat)
             os.replace(tmp, final)
         finally:
-            for leftover in (tmp, source, dat_tmp):
+            for leftover in (tmp, dat_tmp):
                 leftover.unlink(missing_ok=True)
         fields = {
             "arch": arch,
-            "dtype": "mixed" if quantizer else plan.label,
+            "dtype": plan.details.get("dtype", "mixed"),
             "output": str(final),
             "passes": list(model.history),
             "tensor_bytes": sum(b for *_, b in written),
@@ -446,6 +476,38 @@ class GGUFTarget(Target):
             return []
         return [f"importance matrix from {importance[1]} calibration sequences: "
                 f"{committed.report['imatrix_file']}"]
+
+    # ------------------------------------------------------------------ any file
+    def verify_file(self, path: Path, model: ir.Model, device: str | None = None) -> FileVerdict:
+        """A GGUF from anywhere against the checkpoint: that llama.cpp can compute the
+        checkpoint at all (its arch's fixed semantics), the file's metadata, each tensor's values
+        within its type's rounding, and the file run in llama.cpp against the reference on the
+        file's own numbers."""
+        findings = []
+        try:
+            arch = self.check(model)
+        except UserError as exc:
+            findings.append(f"llama.cpp cannot compute this checkpoint faithfully: {exc}")
+            arch = gguf_arch.ARCHS[model.family].name
+        file_arch, fields = check.read_metadata(path)
+        if file_arch != arch:
+            return FileVerdict(path, findings + [f"the file's arch is {file_arch!r}, the "
+                                                 f"checkpoint's is {arch!r}"], None)
+        more, verification = self._verify(path, model, arch, device, fields)
+        return FileVerdict(path, findings + more, verification)
+
+    def _verify(self, path: Path, model: ir.Model, arch: str, device: str | None,
+                fields: dict | None = None):
+        """(what differs from the checkpoint in the file's metadata and values, the file run
+        in llama.cpp against the reference on its own numbers)."""
+        fields = check.read_metadata(path)[1] if fields is None else fields
+        planned = writer.plan(model, arch, f32=True)
+        findings = check.metadata_mismatches(fields, arch, model)
+        findings += check.tensor_mismatches(path, planned)
+        tokens = verification_tokens(model)
+        got = run_llama_cpp(path, tokens.tolist())
+        return findings, compare_with_reference("llama.cpp", got, model, tokens,
+                                                FileNumerics(path, planned), device)
 
     # ------------------------------------------------------------------ running it
     def launch_plan(self, plan: TypePlan, file_name: str, options) -> tuple[list[str], dict]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from moecompile import ir
 
 from . import vocab as gguf_vocab
-from .types import FILE_TYPES, Q, encode, ggml
+from .types import FILE_TYPES, Q, encode, file_type, ggml, name_of
 
 # ------------------------------------------------------------------------------ what is written
 
@@ -41,6 +41,7 @@ class PlannedTensor:
     parts: tuple[ir.Tensor, ...]  # stacked along a new leading axis when more than one
     paths: tuple[str, ...]  # the IR paths of the parts
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    importance: np.ndarray | None = None  # per input column, the parts' vectors concatenated
 
     @property
     def nbytes(self) -> int:
@@ -51,14 +52,17 @@ class PlannedTensor:
     def pieces(self) -> Iterator[np.ndarray]:
         """The tensor's bytes in writing order: expert by expert, and within a part in chunks
         of rows (every GGUF type quantizes row-wise), so conversion temporaries stay small."""
-        for part in self.parts:
+        for index, part in enumerate(self.parts):
             value = part.value()
             if self.transform is not None:
                 value = self.transform(value)
             rows = value.reshape(-1, value.shape[-1])
-            step = max(1, CHUNK_ELEMENTS // rows.shape[-1])
+            n = rows.shape[-1]
+            imatrix = (None if self.importance is None
+                       else self.importance[index * n:(index + 1) * n])
+            step = max(1, CHUNK_ELEMENTS // n)
             for start in range(0, rows.shape[0], step):
-                yield encode(rows[start:start + step], self.qtype)
+                yield encode(rows[start:start + step], self.qtype, imatrix)
 
 
 CHUNK_ELEMENTS = 1 << 22  # elements converted at a time (16 MiB as float32)
@@ -132,7 +136,7 @@ def layout(model: ir.Model, arch: str) -> list[tuple[str, tuple[str, ...], Calla
 
 def plan(model: ir.Model, arch: str, f32: bool = False) -> list[PlannedTensor]:
     """Every GGUF tensor in writing order with its type: the IR's (`Model.types`), or F32 for
-    every tensor (`f32`: the source llama.cpp's quantizer re-quantizes)."""
+    every tensor (`f32`: a placeholder where only the layout matters)."""
     tensors = model.tensor_map()
     out = []
     for name, paths, transform in layout(model, arch):
@@ -149,7 +153,7 @@ def plan(model: ir.Model, arch: str, f32: bool = False) -> list[PlannedTensor]:
 # ------------------------------------------------------------------------------ metadata
 
 
-def _add_hparams(w: gguf.GGUFWriter, model: ir.Model, arch: str, file_type: str) -> None:
+def _add_hparams(w: gguf.GGUFWriter, model: ir.Model, arch: str, ftype: str) -> None:
     b0 = model.blocks[0]
     a, f = b0.attn, b0.ffn
     ffn = f.experts[0].gate.shape[0]
@@ -172,12 +176,13 @@ def _add_hparams(w: gguf.GGUFWriter, model: ir.Model, arch: str, file_type: str)
     if f.shared is not None:
         w.add_expert_shared_feed_forward_length(f.shared.mlp.gate.shape[0])
     w.add_feed_forward_length(f.shared.mlp.gate.shape[0] if f.shared is not None else ffn)
-    w.add_file_type(FILE_TYPES[file_type])
+    w.add_file_type(FILE_TYPES[ftype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string("moecompile.source", model.source)
     w.add_string("moecompile.family", model.family)
-    if model.history:
-        w.add_string("moecompile.history", json.dumps(list(model.history)))
+    if model.history:  # without wall-clock times, so the same command writes the same bytes
+        w.add_string("moecompile.history", json.dumps(
+            [{k: v for k, v in entry.items() if k != "seconds"} for entry in model.history]))
 
 
 # ------------------------------------------------------------------------------ writing
@@ -194,16 +199,19 @@ class ExportResult:
         return sum(t.nbytes for t in self.tensors)
 
 
-def export(model: ir.Model, path: Path, arch: str, file_type: str, f32: bool = False,
-           progress: bool = True) -> ExportResult:
+def export(model: ir.Model, path: Path, arch: str,
+           importance: dict[str, np.ndarray] | None = None, progress: bool = True) -> ExportResult:
     """Write `model` as GGUF at `path` (the caller picks a temporary name and renames), each
-    tensor in its IR type, or all in F32 with `f32`; `file_type` is the general.file_type
-    label ("f16", "q8_0" …)."""
-    planned = plan(model, arch, f32)
+    tensor in its IR type, quantized with its `importance` vector (GGUF name -> per-column
+    importance, experts concatenated) where it has one."""
+    planned = plan(model, arch)
+    for t in planned:
+        t.importance = (importance or {}).get(t.name)
+    label = file_type([(name_of(t.qtype), t.nbytes) for t in planned])
     vocab = gguf_vocab.read_vocab(model.tokenizer, model.vocab)
     writer = gguf.GGUFWriter(str(path), arch)
     try:
-        _add_hparams(writer, model, arch, file_type)
+        _add_hparams(writer, model, arch, label)
         gguf_vocab.add_to_writer(writer, vocab, model.tokenizer, arch, model.vocab)
         for t in planned:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

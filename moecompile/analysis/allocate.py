@@ -53,6 +53,27 @@ def choose(sens: dict[str, dict[str, float]], size, fixed: int,
     return group_types, total, sum(sens[g][group_types[g]] for g in sens)
 
 
+def choose_measured(sens: dict[str, dict[str, float]], size, fixed: int, weight_budget: int,
+                    is_expert, measure, factors=(4.0, 0.25)):
+    """`choose` for a *predicted* sensitivity (layer-local errors turned into KL by one probe
+    per kind of sub-layer), whose weakest part is how much one kind's errors cost next to
+    another's. Beside its choice, the mixes it would choose with the experts' (`is_expert(g)`)
+    predicted losses scaled by each of `factors` are measured end to end too
+    (`measure(group -> type)` -> KL, one streaming pass each) and the lowest measured KL wins.
+    Returns (group -> type, total bytes, predicted loss, measured KL, every measured KL)."""
+    mixes = [choose(sens, size, fixed, weight_budget)]
+    for factor in factors:
+        scaled = {g: {n: v * (factor if is_expert(g) else 1.0) for n, v in row.items()}
+                  for g, row in sens.items()}
+        mix = choose(scaled, size, fixed, weight_budget)
+        if all(mix[0] != m[0] for m in mixes):
+            mixes.append(mix)
+    measured = [measure(m[0]) for m in mixes]
+    best = min(range(len(mixes)), key=measured.__getitem__)
+    types, total, _ = mixes[best]
+    return types, total, sum(sens[g][types[g]] for g in sens), measured[best], measured
+
+
 class BudgetError(UserError):
     """Even the smallest types exceed the weight budget; `smallest_weights` is their size."""
 

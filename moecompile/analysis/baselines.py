@@ -8,6 +8,10 @@ shared/research/eep.md §6):
 - frequency: the experts most often among a token's top-k (SEER-MoE "actual counting");
 - mass: the experts with the largest router probability summed over all tokens ("soft
   counting"; the all-tokens sum, the natural reading of the paper);
+- reap: the experts with the largest REAP saliency, the mean over an expert's routed tokens of
+  its router weight times its output's norm (Lasby et al., "REAP: Router-weighted Expert
+  Activation Pruning", Cerebras 2025): an expert that is chosen often but contributes little
+  goes first;
 - reconstruct: per layer, the subset whose layer output best reconstructs the original
   output (NAEE, "Not All Experts are Equal"): every subset is tried (at most `MAX_SUBSETS`,
   sampled with the seed beyond that), scored by the sum over calibration examples of the
@@ -30,7 +34,8 @@ from .calibration import CalibSet
 from .expert_plan import LayerPlan, keep_plan, moe_layers
 
 MAX_SUBSETS = 2000
-BASELINES = ("random", "frequency", "mass", "reconstruct")
+BASELINES = ("random", "frequency", "mass", "reap", "reconstruct")
+EEP_STARTS = ("random", "frequency", "mass", "reconstruct")  # the baselines EEP's search seeds from
 
 
 @dataclass
@@ -43,6 +48,31 @@ class LayerIO:
     probs: torch.Tensor  # (N, E) router softmax
     routed: torch.Tensor  # (N, k) the experts each token is routed to
     example: torch.Tensor  # (N,) which calibration example each token belongs to
+    reap: torch.Tensor  # (E,) REAP saliency
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        return torch.bincount(self.routed.reshape(-1), minlength=self.logits.shape[-1]).double()
+
+    @property
+    def mass(self) -> torch.Tensor:
+        return self.probs.double().sum(0)
+
+
+@dataclass
+class LayerStats:
+    """What the streaming observers keep of a layer (analysis/observers.RouterObserver): enough
+    for every baseline but reconstruct."""
+
+    frequency: torch.Tensor
+    mass: torch.Tensor
+    reap: torch.Tensor
+
+
+def stats_from(router) -> dict[int, LayerStats]:
+    """Per-layer baseline statistics from a streaming pass's RouterObserver."""
+    return {b: LayerStats(router.frequency[b], router.mass[b], router.saliency(b))
+            for b in router.frequency}
 
 
 @torch.no_grad()
@@ -63,10 +93,22 @@ def collect_layer_io(model: ir.Model, calib: CalibSet, device: str = "cpu") -> d
         logits = ex.router_logits(i, x)
         idx, weights = route(moe, logits)
         gate, up, down = ex.experts_stacked(i)
-        routed = combine_experts(x, idx, weights,
-                                 lambda e, rows: swiglu(x[rows], gate[e], up[e], down[e]))
+        saliency = torch.zeros(moe.n_experts, dtype=torch.float64)
+        real = keep.nonzero(as_tuple=True)[0]
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            y = swiglu(x[rows], gate[e], up[e], down[e])
+            counted = torch.isin(rows, real)
+            g = (weights[rows] * (idx[rows] == e)).sum(-1)
+            saliency[e] = float((g * y.norm(dim=-1))[counted].double().sum())
+            return y
+
+        routed = combine_experts(x, idx, weights, expert)
+        frequency = torch.bincount(idx[keep].reshape(-1), minlength=moe.n_experts).double()
+        reap = torch.where(frequency > 0, saliency / frequency.clamp(min=1),
+                           torch.zeros_like(saliency))
         out[i] = LayerIO(x[keep], routed[keep], logits[keep], torch.softmax(logits[keep], -1),
-                         idx[keep], example)
+                         idx[keep], example, reap)
         shared = ex.shared_expert(i, x)
         h = h + (routed if shared is None else routed + shared).reshape(h.shape)
     return out
@@ -80,9 +122,10 @@ def _mix(moe: ir.MoE, logits: torch.Tensor, kept: list[int],
     return combine_experts(expert_out[0], idx, weights, lambda slot, rows: expert_out[kept[slot], rows])
 
 
-def choose(method: str, model: ir.Model, io: dict[int, LayerIO], n_keep: int,
+def choose(method: str, model: ir.Model, io: dict, n_keep: int,
            seed: int = 0, device: str = "cpu") -> dict[int, LayerPlan]:
-    """One-hot plans (kept experts per MoE layer) by a baseline method."""
+    """One-hot plans (kept experts per MoE layer) by a baseline method, from each layer's
+    LayerIO (token-major) or LayerStats (streaming; every method but reconstruct)."""
     plans: dict[int, LayerPlan] = {}
     rng = random.Random(f"random-prune/{seed}")
     ex = ReferenceExecutor(model, device) if method == "reconstruct" else None
@@ -92,9 +135,11 @@ def choose(method: str, model: ir.Model, io: dict[int, LayerIO], n_keep: int,
         if method == "random":
             kept = rng.sample(range(e), n_keep)
         elif method == "frequency":
-            kept = _top(torch.bincount(layer_io.routed.reshape(-1), minlength=e).double(), n_keep)
+            kept = _top(layer_io.frequency, n_keep)
         elif method == "mass":
-            kept = _top(layer_io.probs.double().sum(0), n_keep)
+            kept = _top(layer_io.mass, n_keep)
+        elif method == "reap":
+            kept = _top(layer_io.reap, n_keep)
         elif method == "reconstruct":
             kept = _best_reconstruction(ex, layer, moe, layer_io, n_keep, seed)
         else:

@@ -43,6 +43,10 @@ class CalibSet:
     def n_tokens(self) -> int:
         return int(self.mask.sum())
 
+    def subset(self, rows: list[int]) -> "CalibSet":
+        """The examples `rows`, in that order, at the same width (a shard of the set)."""
+        return CalibSet(self.spec, self.kind, self.ids[rows], self.mask[rows], self.targets[rows])
+
 
 def load_tokenizer(model: ir.Model):
     """The model's tokenizer (transformers' loader: tokenizer.json or tokenizer.model)."""

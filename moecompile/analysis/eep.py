@@ -38,6 +38,7 @@ Deviations, each for a stated reason:
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,7 @@ class EEPConfig:
     threshold_phase1: float = 0.03  # 3 accuracy points, as a fraction
     threshold_phase2: float = 0.01
     parents_rank: int = 6
+    batch: int = 1  # children made from one archive state (see search)
     seed: int = SEED
 
 
@@ -92,79 +94,190 @@ class EEPResult:
 def search(evaluate, layers: list[int], n_experts: int, n_keep: int,
            starts: dict[str, dict[int, LayerPlan]], config: EEPConfig,
            router_mode: str = "onehot", progress: bool = True) -> EEPResult:
-    """Run the search. `evaluate(plans) -> fitness` scores per-layer plans; `starts` are named
-    one-hot plans (the baselines) that seed the initial population; `router_mode` (see
-    expert_plan.py: onehot | exact | logits) is what the target can hold."""
-    rng = np.random.default_rng(config.seed)
+    """Run the search. `evaluate` scores per-layer plans: a function `plans -> fitness`, or a
+    `Scorer` that scores several candidates at once (on workers,
+    moecompile/distributed/); the result is the same either way. `starts` are named one-hot
+    plans (the baselines) that seed the initial population; `router_mode` (see
+    expert_plan.py: onehot | exact | logits) is what the target can hold.
+
+    The search is a sequence of steps, each making one individual from the state (archive,
+    random generator, counters). Which individual a step makes depends on fitness values only
+    through the parents, and parents are chosen from the archive as it stood when the
+    current batch of `config.batch` children began; the initial population depends on no
+    fitness at all. So every step of a batch can be made before any of its results is in,
+    the candidates scored side by side, and the results recorded in step order: the same
+    genomes, fitness values and answer for any number of workers."""
+    scorer = as_scorer(evaluate)
     groups = _groups(layers, config.groups)
-    archive: list[Individual] = []
-    seen: dict[bytes, float] = {}
     t0 = time.monotonic()
-    total = config.evaluations
     result = EEPResult({}, float("-inf"), 0, 0.0)
-    bar = tqdm(total=total if config.seconds is None else None, desc="EEP search", unit="eval",
-               disable=not progress, dynamic_ncols=True)
-
-    def plans_of(ind: Individual) -> dict[int, LayerPlan]:
-        return {layer: LayerPlan(ind.merge[g], ind.router[g])
-                for g, members in enumerate(groups) for layer in members}
-
-    def add(ind: Individual) -> None:
-        k = ind.key()
-        if k in seen:
-            return
-        ind.fitness = seen[k] = evaluate(plans_of(ind))
-        archive.append(ind)
-        best = max(archive, key=lambda a: a.fitness)  # max keeps the earliest of ties
-        result.history.append((len(archive), best.fitness))
-        bar.update(1)
-        bar.set_postfix(best=f"{best.fitness:.4f}", refresh=False)
-
-    def budget_left() -> bool:
-        if config.seconds is not None:
-            return time.monotonic() - t0 < config.seconds
-        return len(archive) < total
-
-    phase1_exhausted = n_keep == n_experts  # only one one-hot individual: the identity
-
-    def in_phase1() -> bool:
-        if phase1_exhausted:
-            return False
-        if config.seconds is not None:
-            return time.monotonic() - t0 < config.seconds / 4
-        return len(archive) < min(config.discrete_evals, total)
-
+    bar = tqdm(total=config.evaluations if config.seconds is None else None, desc="EEP search",
+               unit="eval", disable=not progress, dynamic_ncols=True)
+    steps = _Steps(config, groups, n_experts, n_keep, router_mode, t0)
+    state = _State(np.random.default_rng(config.seed), list(starts.items()))
+    queue: deque[_Step] = deque()  # made, recorded in this order
     try:
-        # initial population: the baselines' choices, then random subsets
-        for name, plans in starts.items():
-            ind = _from_plans(plans, groups)
-            add(ind)
-            result.initial[name] = seen[ind.key()]
-        tries = 0
-        while len(archive) < config.max_init and budget_left() and tries < 10 * config.max_init:
-            tries += 1
-            merge = [np.eye(n_experts)[np.sort(rng.choice(n_experts, n_keep, replace=False))]
-                     for _ in groups]
-            add(Individual(merge, [m.copy() for m in merge]))
-        stale = 0
-        while budget_left() and stale < 1000:
-            phase1 = in_phase1()
-            child = _child(archive, rng, config, router_mode, phase1, n_experts, len(groups))
-            before = len(archive)
-            add(child)
-            stale = 0 if len(archive) > before else stale + 1
-            if phase1:
-                result.phase1_best = max(a.fitness for a in archive)
-                if stale >= 200:  # every one-hot neighbour of the parents was tried
-                    phase1_exhausted, stale = True, 0
+        while True:
+            while sum(s.handle is not None for s in queue) < scorer.parallel:
+                step = steps.next(state)
+                if step is None or step is _WAIT:
+                    break
+                if step.new:
+                    step.handle = scorer.submit(steps.plans(step.individual))
+                queue.append(step)
+            if not queue:
+                break
+            head = queue.popleft()
+            if head.new:
+                steps.record(state, head, scorer.result(head.handle))
+                best = max(state.archive[:state.recorded], key=lambda a: a.fitness)
+                result.history.append((state.recorded, best.fitness))  # max keeps the earliest
+                bar.update(1)
+                bar.set_postfix(best=f"{best.fitness:.4f}", refresh=False)
+            if head.start is not None:
+                result.initial[head.start] = state.seen[head.individual.key()]
+            if head.phase1:
+                result.phase1_best = max(a.fitness for a in state.archive[:state.recorded])
     finally:
+        for s in queue:
+            if s.handle is not None:
+                scorer.cancel(s.handle)
         bar.close()
-    best = max(archive, key=lambda a: a.fitness)
-    result.plans = plans_of(best)
+    best = max(state.archive, key=lambda a: a.fitness)
+    result.plans = steps.plans(best)
     result.fitness = best.fitness
-    result.evaluations = len(archive)
+    result.evaluations = len(state.archive)
     result.seconds = time.monotonic() - t0
     return result
+
+
+class Scorer:
+    """Scores candidates, `parallel` of them in flight at once. This one runs a function in
+    this process, one candidate at a time, when its result is asked for."""
+
+    parallel = 1
+
+    def __init__(self, evaluate):
+        self.evaluate = evaluate
+
+    def submit(self, plans: dict[int, LayerPlan]):
+        return plans
+
+    def result(self, handle) -> float:
+        return self.evaluate(handle)
+
+    def cancel(self, handle) -> None:
+        pass
+
+    def score(self, plans: dict[int, LayerPlan]) -> float:
+        return self.result(self.submit(plans))
+
+
+def as_scorer(evaluate) -> Scorer:
+    return evaluate if hasattr(evaluate, "submit") else Scorer(evaluate)
+
+
+@dataclass
+class _Step:
+    """One step of the search: the individual it made, whether it is new, its evaluation."""
+
+    individual: Individual
+    new: bool  # not seen before: it is scored and joins the archive
+    phase1: bool = False
+    start: str | None = None  # the baseline it is
+    handle: object = None
+
+
+_WAIT = object()  # the next step needs results still in flight
+
+
+@dataclass
+class _State:
+    """Everything the next step depends on. `archive` holds every new individual made so far;
+    the first `recorded` have their fitness."""
+
+    rng: np.random.Generator
+    starts: list  # named starts not yet made
+    archive: list[Individual] = field(default_factory=list)
+    seen: dict[bytes, float | None] = field(default_factory=dict)
+    recorded: int = 0
+    tries: int = 0  # random initial individuals tried; -1 once that stage is over
+    stale: int = 0
+    phase1_exhausted: bool = False
+    parents_from: list[Individual] = field(default_factory=list)  # the archive the batch began with
+    batch_left: int = 0
+
+
+class _Steps:
+    """The search as a step function on a `_State`: `next` makes the next individual, `record`
+    stores its fitness."""
+
+    def __init__(self, config: EEPConfig, groups, n_experts, n_keep, router_mode, t0):
+        self.config, self.groups, self.t0 = config, groups, t0
+        self.n_experts, self.n_keep, self.router_mode = n_experts, n_keep, router_mode
+        self.identity_only = n_keep == n_experts  # only one one-hot individual: the identity
+
+    def plans(self, ind: Individual) -> dict[int, LayerPlan]:
+        return {layer: LayerPlan(ind.merge[g], ind.router[g])
+                for g, members in enumerate(self.groups) for layer in members}
+
+    def budget_left(self, state: _State) -> bool:
+        if self.config.seconds is not None:
+            return time.monotonic() - self.t0 < self.config.seconds
+        return len(state.archive) < self.config.evaluations
+
+    def in_phase1(self, state: _State) -> bool:
+        if self.identity_only or state.phase1_exhausted:
+            return False
+        if self.config.seconds is not None:
+            return time.monotonic() - self.t0 < self.config.seconds / 4
+        return len(state.archive) < min(self.config.discrete_evals, self.config.evaluations)
+
+    def next(self, state: _State):
+        """The next step, None when the search is over, or _WAIT when it needs the results in
+        flight (a new batch of children chooses parents from every result before it)."""
+        config, rng = self.config, state.rng
+        if state.starts:
+            # initial population: the baselines' choices, then random subsets
+            name, plans = state.starts.pop(0)
+            return self._made(state, _from_plans(plans, self.groups), start=name)
+        if (state.tries >= 0 and len(state.archive) < config.max_init and self.budget_left(state)
+                and state.tries < 10 * config.max_init):
+            state.tries += 1
+            merge = [np.eye(self.n_experts)[np.sort(rng.choice(self.n_experts, self.n_keep,
+                                                               replace=False))]
+                     for _ in self.groups]
+            return self._made(state, Individual(merge, [m.copy() for m in merge]))
+        state.tries = -1
+        if not (self.budget_left(state) and state.stale < 1000):
+            return None
+        if state.batch_left == 0:
+            if state.recorded < len(state.archive):
+                return _WAIT
+            state.parents_from, state.batch_left = list(state.archive), config.batch
+        state.batch_left -= 1
+        phase1 = self.in_phase1(state)
+        child = _child(state.parents_from, rng, config, self.router_mode, phase1,
+                       self.n_experts, len(self.groups))
+        step = self._made(state, child, phase1=phase1)
+        state.stale = 0 if step.new else state.stale + 1
+        if phase1 and state.stale >= 200:  # every one-hot neighbour of the parents was tried
+            state.phase1_exhausted, state.stale = True, 0
+        return step
+
+    @staticmethod
+    def _made(state: _State, ind: Individual, phase1: bool = False, start: str | None = None) -> _Step:
+        key = ind.key()
+        new = key not in state.seen
+        if new:
+            state.seen[key] = None
+            state.archive.append(ind)
+        return _Step(ind, new, phase1, start)
+
+    @staticmethod
+    def record(state: _State, step: _Step, fitness: float) -> None:
+        step.individual.fitness = state.seen[step.individual.key()] = fitness
+        state.recorded += 1
 
 
 def _groups(layers: list[int], n_groups: int | None) -> list[list[int]]:

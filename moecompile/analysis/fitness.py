@@ -158,3 +158,101 @@ def _plan_key(plan: LayerPlan | None) -> bytes:
     digest.update(np.ascontiguousarray(plan.merge, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(plan.router, dtype=np.float64).tobytes())
     return digest.digest()
+
+
+TOP_K_REFERENCE = 1024  # reference log-probabilities kept per scored token for the text KL
+
+
+class StreamingFitness:
+    """The same fitness from a layer-major pass (runtime/streaming.py), fed logits chunk by
+    chunk (`consume`), so nothing the size of tokens x vocabulary is ever held.
+
+    Tasks: exact match and the tie-breaker, exactly as `FitnessEvaluator.score`. Text: minus the
+    mean KL(original || candidate) over the scored tokens, from the original's top
+    TOP_K_REFERENCE log-probabilities plus the mass of the rest as one outcome (the top-K KL
+    EvoPress found as effective as the full one for K >= 512; shared/research/scale.md §6.6):
+    exact for a vocabulary up to K, a lower bound beyond (the log-sum inequality), about 8 KB a
+    token. Record the reference with a pass of the original (`reference=None`), then score
+    candidates against it."""
+
+    def __init__(self, calib: CalibSet, reference: "StreamingFitness | None" = None):
+        self.calib = calib
+        flat_targets = calib.targets.reshape(-1)
+        self.targets = flat_targets
+        self.example = torch.arange(calib.n_examples)[:, None].expand_as(calib.targets).reshape(-1)
+        self.reference = reference
+        n = calib.n_examples
+        self.wrong = torch.zeros(n, dtype=torch.long)  # wrong scored tokens per example
+        self.logp_sum, self.logp_count = 0.0, 0
+        self.kl_sum = 0.0
+        self.top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (ids, logp)
+        self.examples: list[int] | None = None  # a shard's examples in the whole set (part)
+
+    def consume(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        rows = rows.cpu()
+        targets = self.targets[rows]
+        scored = targets != -100
+        if not scored.any():
+            return
+        rows, logits, targets = rows[scored], logits[scored.to(logits.device)].float().cpu(), targets[scored]
+        logp = torch.log_softmax(logits, -1)
+        if self.calib.kind == "tasks":
+            wrong = (logits.argmax(-1) != targets).long()
+            self.wrong.index_add_(0, self.example[rows], wrong)
+            self.logp_sum += float(logp.gather(-1, targets[:, None]).sum())
+            self.logp_count += len(rows)
+            return
+        if self.reference is None:  # the original: keep its top-K
+            top = logp.topk(min(TOP_K_REFERENCE, logp.shape[-1]), dim=-1)
+            for r, ids, lp in zip(rows.tolist(), top.indices, top.values):
+                self.top[r] = (ids, lp)
+            self.logp_count += len(rows)
+            return
+        for r, q in zip(rows.tolist(), logp):
+            ids, lp = self.reference.top[r]
+            p = lp.exp()
+            tail_p = (1 - p.sum()).clamp(min=1e-12)
+            q_top = q[ids]
+            tail_q = (1 - q_top.exp().sum()).clamp(min=1e-12)
+            kl = float((p * (lp - q_top)).sum() + tail_p * (tail_p.log() - tail_q.log()))
+            self.kl_sum += max(kl, 0.0)
+            self.logp_count += 1
+
+    def part(self, rows: list[int]) -> "StreamingFitness":
+        """An empty accumulator for the calibration examples `rows` (a shard of a
+        data-parallel pass, fed rows of `calib.subset(rows)`); `merge` adds it back. Its
+        reference is the reference's top-K for those rows."""
+        reference = None
+        if self.reference is not None:
+            reference = StreamingFitness(self.calib.subset(rows))
+            reference.top = {local: self.reference.top[g]
+                             for local, g in self._rows(rows) if g in self.reference.top}
+        out = StreamingFitness(self.calib.subset(rows), reference)
+        out.examples = list(rows)
+        return out
+
+    def _rows(self, rows: list[int]):
+        """(row in the shard of examples `rows`, row in the whole set) of every position."""
+        width = self.calib.ids.shape[1]
+        for i, example in enumerate(rows):
+            for t in range(width):
+                yield i * width + t, example * width + t
+
+    def merge(self, part: "StreamingFitness") -> "StreamingFitness":
+        """Add a shard's sums (`part`) into this accumulator of the whole set."""
+        rows = part.examples
+        self.wrong.index_add_(0, torch.tensor(rows, dtype=torch.long), part.wrong)
+        self.logp_sum += part.logp_sum
+        self.logp_count += part.logp_count
+        self.kl_sum += part.kl_sum
+        if part.top:
+            to_whole = dict(self._rows(rows))
+            self.top.update({to_whole[local]: v for local, v in part.top.items()})
+        return self
+
+    def value(self) -> float:
+        if self.calib.kind == "text":
+            return -self.kl_sum / max(self.logp_count, 1) if self.reference is not None else 0.0
+        exact = float((self.wrong == 0).float().mean())
+        token_logp = self.logp_sum / max(self.logp_count, 1)
+        return exact + 0.5 / self.calib.n_examples * float(np.exp(token_logp))

@@ -18,6 +18,8 @@ import torch
 
 from moecompile import ir
 from moecompile.runtime.executor import InputHook, ReferenceExecutor
+from moecompile.runtime.resume import resume_for
+from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .calibration import CalibSet
 
@@ -27,6 +29,19 @@ class Importance:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> sum of x_j^2 (float64)
     counts: dict[str, int] = field(default_factory=dict)  # path -> tokens seen
     sequences: int = 0
+    topped_up: dict[str, int] = field(default_factory=dict)  # path -> tokens of a top-up
+
+    def coverage(self, paths: set[str], min_tokens: int = 64) -> dict:
+        """Of the experts among `paths`, those fewer than `min_tokens` calibration tokens
+        reached before any top-up (path prefix -> tokens), and which were topped up."""
+        rare = {}
+        for path in sorted(paths):
+            if ".experts." in path and path.endswith(".gate"):
+                routed = self.counts.get(path, 0) - self.topped_up.get(path, 0)
+                if routed < min_tokens:
+                    rare[path.removesuffix(".gate")] = routed
+        topped = sorted(p.removesuffix(".gate") for p in self.topped_up if p.endswith(".gate"))
+        return {"min_tokens": min_tokens, "rare_experts": rare, "topped_up": topped}
 
     def mean(self, path: str) -> np.ndarray | None:
         """Mean squared input per column of the weight at `path` (None: never reached)."""
@@ -36,9 +51,14 @@ class Importance:
 
 
 @torch.no_grad()
-def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu") -> Importance:
-    """Importance of the weights at `paths`, one calibration sequence at a time (padding never
-    counts)."""
+def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cpu",
+            progress: bool = False, engine=None) -> Importance:
+    """Importance of the weights at `paths`: for a model too large to hold as float32, in one
+    layer-major pass (with rarely routed experts topped up, runtime/streaming.py; its shards
+    on the engine's workers); otherwise one calibration sequence at a time through the
+    token-major executor. Padding never counts."""
+    if streams(model):
+        return collect_streaming(model, calib, paths, device, progress, engine)
     out = Importance(sequences=calib.n_examples)
 
     def record(path: str, x: torch.Tensor) -> None:
@@ -52,3 +72,22 @@ def collect(model: ir.Model, calib: CalibSet, paths: set[str], device: str = "cp
         n = int(calib.mask[row].sum())
         ex.logits(calib.ids[row:row + 1, :n])
     return out
+
+
+@torch.no_grad()
+def collect_streaming(model: ir.Model, calib: CalibSet, paths: set[str],
+                      device: str = "cpu", progress: bool = False,
+                      engine=None) -> Importance:
+    """`collect` in one layer-major pass over the whole calibration batch, split into token
+    shards over the engine's workers (analysis/shards.py; default: this process, one shard),
+    each shard resumable where it stopped (runtime/resume.py)."""
+    from moecompile.distributed.engine import Engine
+
+    from .observers import ImportanceObserver
+    from .shards import stream
+
+    observer = ImportanceObserver(paths)
+    stream(engine or Engine(device), model, calib, observer,
+           what=("importance", sorted(paths)), progress="importance matrix" if progress else None)
+    observer.top_up(StreamingExecutor(model, device))
+    return Importance(observer.sums, observer.counts, calib.n_examples, observer.topped_up)

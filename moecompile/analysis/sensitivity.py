@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from moecompile import ir
-from moecompile.runtime.executor import ReferenceExecutor, SourceNumerics
+from moecompile.runtime.executor import ReferenceExecutor, SourceNumerics, rms_norm, route
 
 from .calibration import CalibSet
 
@@ -81,3 +81,246 @@ def measure(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                     out[unit][name] = kl(Replaced(set(paths), value))
                     bar.update(1)
     return out
+
+
+# ------------------------------------------------------------------ at real size: layer-local
+
+LOCAL_TOKENS = 1024  # calibration tokens the layer-local errors are measured on
+SAMPLED_EXPERTS = 8  # experts of a stacked group whose rounding is measured (the rest inferred)
+TOP_K = 1024  # reference log-probabilities kept per token for the end-to-end KL
+
+
+def measurement_rows(calib: CalibSet, tokens: int = LOCAL_TOKENS) -> list[int]:
+    """The first calibration sequences holding `tokens` real tokens (at least one)."""
+    rows, total = [], 0
+    for i in range(calib.n_examples):
+        rows.append(i)
+        total += int(calib.mask[i].sum())
+        if total >= tokens:
+            break
+    return rows
+
+
+def topk_kl(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per token from p's top-K log-probabilities (ids, values) and q's full
+    log-probabilities, the rest of each distribution taken as one outcome: exact when K covers
+    the vocabulary, a lower bound otherwise (the log-sum inequality)."""
+    p = ref_logp.exp()
+    q_top = logp.gather(-1, ref_ids)
+    tail_p = (1 - p.sum(-1)).clamp(min=1e-12)
+    tail_q = (1 - q_top.exp().sum(-1)).clamp(min=1e-12)
+    kl = (p * (ref_logp - q_top)).sum(-1) + tail_p * (tail_p.log() - tail_q.log())
+    return kl.clamp(min=0)
+
+
+class StreamingKL:
+    """KL(original || a model), mean over the real tokens of a layer-major pass: a pass of the
+    original records its top-K log-probabilities (`reference=None`), passes of variants are
+    scored against them, logits chunk by chunk."""
+
+    def __init__(self, reference: "StreamingKL | None" = None):
+        self.reference = reference
+        self.top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.total, self.count = 0.0, 0
+
+    def consume(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float().cpu(), -1)
+        rows = rows.cpu()
+        if self.reference is None:
+            top = logp.topk(min(TOP_K, logp.shape[-1]), dim=-1)
+            self.top.update(zip(rows.tolist(), zip(top.indices, top.values)))
+            return
+        ids = torch.stack([self.reference.top[r][0] for r in rows.tolist()])
+        ref = torch.stack([self.reference.top[r][1] for r in rows.tolist()])
+        kl = topk_kl(ids, ref, logp)
+        self.total += float(kl.double().sum())
+        self.count += len(rows)
+
+    def value(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+def streaming_kl(model: ir.Model, ids, mask, reference: StreamingKL, numerics=None,
+                 device: str = "cpu", progress: str | None = None) -> float:
+    """One layer-major pass of the model on `numerics`, scored against `reference`."""
+    from moecompile.runtime.streaming import StreamingExecutor
+
+    kl = StreamingKL(reference)
+    StreamingExecutor(model, device, numerics, progress=progress).run(ids, mask, kl.consume)
+    return kl.value()
+
+
+@torch.no_grad()
+def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
+                  candidates: list[str], rounded, device: str = "cpu", progress: bool = True,
+                  tokens: int = LOCAL_TOKENS, sampled: int = SAMPLED_EXPERTS) -> dict:
+    """Layer-local errors of every (unit, type), in one layer-major pass: with block i
+    resident, each unit of block i takes each type and only the sub-layer it belongs to is
+    recomputed on the block's cached input (ExLlamaV2's measurement; scale.md §6.7 tier 1).
+    The error is the mean squared change the sub-layer makes to the residual stream, relative
+    to the mean square of the stream it writes (after the sub-layer). A stacked expert group is measured on `sampled` of
+    its experts (the most used) and scaled to all of them. The output head's change is
+    measured directly as the KL it causes. Returns {"error": unit -> type -> error,
+    "head": units measured as KL, "tokens": n}."""
+    from moecompile.runtime.streaming import StreamingExecutor
+
+    rows = measurement_rows(calib, tokens)
+    ids, mask = calib.ids[rows], calib.mask[rows]
+    ex = StreamingExecutor(model, device)
+    real = mask.bool().to(ex.device)
+    per_block: dict[int, list[str]] = {}
+    for u, paths in units.items():
+        if paths[0].startswith("blocks."):
+            per_block.setdefault(int(paths[0].split(".")[1]), []).append(u)
+    error: dict[str, dict[str, float]] = {u: {} for u in units}
+    head_units = [u for u, paths in units.items() if paths == ["lm_head"]]
+    bar = tqdm(total=len(model.blocks) + 2, desc="layer-local sensitivity", disable=not progress)
+
+    def swapped(paths: list[str], name: str, value) -> StreamingExecutor:
+        return StreamingExecutor(model, device, Replaced(set(paths), value), prefetch=False)
+
+    h, attn_mask, positions = ex.embed(ids, mask)
+    scale = float(h[real].pow(2).sum(-1).mean())
+    for u in units:  # the embedding: its rows are the stream itself
+        if units[u] == ["embed"]:
+            for name in candidates:
+                with rounded(name) as value:
+                    e = swapped(units[u], name, value)
+                    delta = e.embed(ids, mask)[0][real] - h[real]
+                error[u][name] = float(delta.pow(2).sum(-1).mean()) / scale
+    bar.update(1)
+    b = ex.sequence_batch
+    for i, block in enumerate(model.blocks):
+        ex.advise(i + 1)
+        mine = per_block.get(i, [])
+        attention = [u for u in mine if ".attn." in units[u][0]]
+        reference = torch.cat([ex.attention_residual(i, h[s:s + b], attn_mask[s:s + b],
+                                                     positions[s:s + b]) for s in
+                               range(0, h.shape[0], b)])
+        scale = float(reference[real].pow(2).sum(-1).mean())
+        for u in attention:
+            for name in candidates:
+                with rounded(name) as value:
+                    e = swapped(units[u], name, value)
+                    out = torch.cat([e.attention_residual(i, h[s:s + b], attn_mask[s:s + b],
+                                                          positions[s:s + b])
+                                     for s in range(0, h.shape[0], b)])
+                error[u][name] = float((out - reference)[real].pow(2).sum(-1).mean()) / scale
+        h = reference
+        x = h[real]
+        if block.ffn is not None:
+            xn = ex.ffn_input(i, x)
+            out = ex.ffn_residual(i, x)
+            scale = float(out.pow(2).sum(-1).mean())
+            ffn_units = [u for u in mine if u not in attention]
+            if isinstance(block.ffn, ir.MoE):
+                _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale,
+                            sampled, error)
+            else:
+                for u in ffn_units:
+                    for name in candidates:
+                        with rounded(name) as value:
+                            delta = (swapped(units[u], name, value).mlp(xn, f"blocks.{i}.ffn.mlp")
+                                     - ex.mlp(xn, f"blocks.{i}.ffn.mlp"))
+                        error[u][name] = float(delta.pow(2).sum(-1).mean()) / scale
+            h[real] = out
+        ex.release()
+        bar.update(1)
+    if head_units:
+        normed = rms_norm(h[real], ex.w("final_norm"), model.norm_eps)
+        ref_logp = torch.log_softmax(ex.linear(normed, "lm_head"), -1)
+        for u in head_units:
+            for name in candidates:
+                with rounded(name) as value:
+                    logp = torch.log_softmax(swapped(units[u], name, value).linear(
+                        normed, "lm_head"), -1)
+                error[u][name] = max(0.0, float((ref_logp.exp() * (ref_logp - logp)).sum(-1)
+                                                .mean()))
+    bar.update(1)
+    bar.close()
+    return {"error": error, "head": head_units, "tokens": int(real.sum()), "rows": rows}
+
+
+def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale, sampled,
+                error) -> None:
+    """Errors of block i's MoE units: each unit's change of the routed output (and of the
+    shared expert's), on the tokens each measured expert is routed."""
+    moe = ex.model.blocks[i].ffn
+    logits = ex.router_logits(i, xn)
+    idx, weights = route(moe, logits, ex.router_map(i))
+    usage = torch.bincount(idx.reshape(-1), minlength=moe.n_experts)
+    prefix = f"blocks.{i}.ffn"
+    for u in ffn_units:
+        paths = units[u]
+        if paths[0].startswith(f"{prefix}.shared"):
+            base = ex.shared_expert(i, xn)
+            for name in candidates:
+                with rounded(name) as value:
+                    delta = swapped(paths, name, value).shared_expert(i, xn) - base
+                error[u][name] = float(delta.pow(2).sum(-1).mean()) / scale
+            continue
+        experts = sorted({int(p.split(".")[4]) for p in paths})
+        chosen = sorted(experts, key=lambda e: (-int(usage[e]), e))[:sampled]
+        outputs = {}
+        for e in chosen:
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            outputs[e] = (rows, weights[rows, slot, None], ex.mlp(xn[rows], f"{prefix}.experts.{e}"))
+        for name in candidates:
+            delta = torch.zeros_like(xn)
+            with rounded(name) as value:
+                e_ex = swapped(paths, name, value)
+                for e in chosen:
+                    rows, w, base = outputs[e]
+                    delta.index_add_(0, rows, w * (e_ex.mlp(xn[rows], f"{prefix}.experts.{e}")
+                                                   - base))
+            share = sum(int(usage[e]) for e in experts) / max(1, sum(int(usage[e]) for e in chosen))
+            error[u][name] = share * float(delta.pow(2).sum(-1).mean()) / scale
+
+
+def unit_kind(paths: list[str]) -> str:
+    """attention | experts | mlp | embedding | head: what a unit's weights are."""
+    first = paths[0]
+    if first == "embed":
+        return "embedding"
+    if first == "lm_head":
+        return "head"
+    return "attention" if ".attn." in first else "experts" if ".experts." in first else "mlp"
+
+
+def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
+                 candidates: list[str], rounded, probe: str, device: str = "cpu",
+                 progress: bool = True):
+    """Losses in KL units for every (unit, type) in a few passes over the measurement tokens:
+    the layer-local errors (`measure_local`), converted to KL by one factor per kind of
+    sub-layer (attention, experts, other MLPs, embedding), each fitted on a probe — every unit
+    of that kind at the `probe` type at once, measured end to end — while the output head's KL
+    is measured directly. Returns (losses, info, check): `check(paths, value)` measures a chosen
+    mix end to end (value(path, tensor): its weights) against the same reference."""
+    from moecompile.runtime.streaming import StreamingExecutor
+
+    local = measure_local(model, calib, units, candidates, rounded, device, progress)
+    rows = local["rows"]
+    ids, mask = calib.ids[rows], calib.mask[rows]
+    reference = StreamingKL()
+    StreamingExecutor(model, device).run(ids, mask, reference.consume)
+    kinds: dict[str, list[str]] = {}
+    for u in units:
+        if u not in local["head"]:
+            kinds.setdefault(unit_kind(units[u]), []).append(u)
+    alpha, probes = {}, {}
+    for kind, members in kinds.items():  # one probe per kind: its units at `probe` at once
+        with rounded(probe) as value:
+            probes[kind] = streaming_kl(model, ids, mask, reference,
+                                        Replaced({p for u in members for p in units[u]}, value),
+                                        device)
+        predicted = sum(local["error"][u][probe] for u in members)
+        alpha[kind] = probes[kind] / predicted if predicted > 0 else 0.0
+    losses = {u: {t: (e if u in local["head"] else alpha[unit_kind(units[u])] * e)
+                  for t, e in local["error"][u].items()} for u in units}
+    info = {"method": "layer-local", "tokens": local["tokens"], "probe": probe,
+            "probe_kl": probes, "kl_per_error": alpha}
+
+    def check(paths: set[str], value) -> float:
+        return streaming_kl(model, ids, mask, reference, Replaced(paths, value), device)
+
+    return losses, info, check

@@ -13,6 +13,7 @@ Pickled checkpoints (`pytorch_model.bin`) are refused: unpickling runs arbitrary
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,18 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in the file
+    nbytes: int = 0
+
+    def advise(self) -> None:
+        """Ask the kernel to start reading this tensor's bytes (a streaming executor calls it
+        for the next block while it computes this one)."""
+        if self.nbytes and hasattr(os, "posix_fadvise"):
+            fd = os.open(self.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
 
 @dataclass
@@ -78,6 +91,8 @@ def _read_header(file: Path) -> dict:
         raise UserError(
             f"{file}: truncated safetensors file ({size} bytes, header announces {8 + n + end})"
         )
+    for meta in header.values():
+        meta["data_start"] = 8 + n  # offsets count from the end of the header
     return header
 
 
@@ -139,7 +154,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             dtype = _ST_DTYPES.get(meta["dtype"])
             if dtype is None:
                 raise UserError(f"{file}: tensor '{key}' has unsupported dtype {meta['dtype']}")
-            tensors[key] = TensorInfo(file, dtype, tuple(meta["shape"]))
+            start, end = meta["data_offsets"]
+            tensors[key] = TensorInfo(file, dtype, tuple(meta["shape"]), meta["data_start"] + start,
+                                      end - start)
     index = path / "model.safetensors.index.json"
     if index.exists():
         announced = set(json.loads(index.read_text())["weight_map"])

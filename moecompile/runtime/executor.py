@@ -30,7 +30,11 @@ def default_device() -> str:
 
 
 class Numerics(Protocol):
-    """The numbers a runtime computes with: each weight's value and each matmul's input."""
+    """The numbers a runtime computes with: each weight's value and each matmul's input. A
+    numerics may also say how its runtime computes RMSNorm and RoPE's tables (`rms_norm`,
+    `rope_tables`, with this module's signatures), where the runtime's arithmetic differs in
+    the last bits from torch's and a rounding step downstream can amplify that (GGUF:
+    exporters/gguf/numerics.py)."""
 
     exact: bool  # every weight as the source holds it and no input rounding
 
@@ -63,13 +67,23 @@ class InputHook(SourceNumerics):
 
 
 class ReferenceExecutor:
+    """`jitter` = (sigma, seed) makes this executor a *null* of verification (verify.py):
+    every matmul and attention product is multiplied by (1 + sigma * N(0, 1)), a second
+    legitimate computation of the same numerics that differs only in accumulation order's last
+    bits, as a runtime's kernels do."""
+
     def __init__(self, model: ir.Model, device: str | None = None,
-                 numerics: Numerics | None = None):
+                 numerics: Numerics | None = None, jitter: tuple[float, int] | None = None):
         self.model = model
         self.device = torch.device(device or default_device())
         self.numerics = numerics or SourceNumerics()
         self.tensors = model.tensor_map()
         self._cache: dict = {}
+        self._rms_norm = getattr(self.numerics, "rms_norm", rms_norm)
+        self._rope_tables = getattr(self.numerics, "rope_tables", rope_tables)
+        self._jitter = None
+        if jitter is not None:
+            self._jitter = (jitter[0], torch.Generator().manual_seed(jitter[1]))
 
     # ------------------------------------------------------------------ weights
     def w(self, path: str) -> torch.Tensor | None:
@@ -84,20 +98,33 @@ class ReferenceExecutor:
             self._cache[path] = hit
         return hit
 
+    def norm(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """RMSNorm of x with the weight at `path`, as the numerics' runtime computes it."""
+        return self._rms_norm(x, self.w(path), self.model.norm_eps)
+
+    def product(self, y: torch.Tensor) -> torch.Tensor:
+        """A matmul's result: itself, or jittered in its last bits by a null executor."""
+        if self._jitter is None:
+            return y
+        sigma, generator = self._jitter
+        noise = torch.randn(y.shape, generator=generator).to(y.device)
+        return y * (1 + sigma * noise)
+
     def linear(self, x: torch.Tensor, path: str, bias: str | None = None) -> torch.Tensor:
         """x @ W.T (+ bias), with x rounded as the runtime's kernel for the weight would."""
-        return F.linear(self.numerics.input(path, x), self.w(path),
-                        None if bias is None else self.w(bias))
+        return self.product(F.linear(self.numerics.input(path, x), self.w(path),
+                                     None if bias is None else self.w(bias)))
 
     def mlp(self, x: torch.Tensor, prefix: str, gate=None, up=None, down=None) -> torch.Tensor:
         """SwiGLU of the MLP at `prefix`; `gate/up/down` override its weights (slices of
         stacked experts)."""
-        rounded = self.numerics.input
-        h = F.silu(rounded(f"{prefix}.gate", x) @ (self.w(f"{prefix}.gate") if gate is None
-                                                   else gate).T)
-        h = h * (rounded(f"{prefix}.up", x) @ (self.w(f"{prefix}.up") if up is None else up).T)
-        return rounded(f"{prefix}.down", h) @ (self.w(f"{prefix}.down") if down is None
-                                              else down).T
+        rounded, product = self.numerics.input, self.product
+        h = F.silu(product(rounded(f"{prefix}.gate", x) @ (self.w(f"{prefix}.gate")
+                                                           if gate is None else gate).T))
+        h = h * product(rounded(f"{prefix}.up", x) @ (self.w(f"{prefix}.up") if up is None
+                                                      else up).T)
+        return product(rounded(f"{prefix}.down", h) @ (self.w(f"{prefix}.down") if down is None
+                                                       else down).T)
 
     def experts_stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once (for
@@ -150,19 +177,19 @@ class ReferenceExecutor:
         return F.embedding(ids, self.w("embed")), mask, positions
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(rms_norm(h, self.w("final_norm"), self.model.norm_eps), "lm_head")
+        return self.linear(self.norm(h, "final_norm"), "lm_head")
 
     def block_forward(self, i: int, h, mask, positions):
         return self.ffn_residual(i, self.attention_residual(i, h, mask, positions))
 
     def attention_residual(self, i: int, h, mask, positions):
         """h + attention(norm(h)): block i's first half."""
-        x = rms_norm(h, self.w(f"blocks.{i}.attn_norm"), self.model.norm_eps)
+        x = self.norm(h, f"blocks.{i}.attn_norm")
         return h + self.attention(i, x, mask, positions)
 
     def ffn_input(self, i: int, h):
         """norm(h): what block i's FFN (dense or MoE) reads."""
-        return rms_norm(h, self.w(f"blocks.{i}.ffn_norm"), self.model.norm_eps)
+        return self.norm(h, f"blocks.{i}.ffn_norm")
 
     def ffn_residual(self, i: int, h):
         """h + FFN(norm(h)): block i's second half (h itself where the FFN was dropped)."""
@@ -180,24 +207,23 @@ class ReferenceExecutor:
         q = self.linear(x, f"{p}.q", f"{p}.q_bias" if a.q_bias is not None else None)
         k = self.linear(x, f"{p}.k", f"{p}.k_bias" if a.k_bias is not None else None)
         v = self.linear(x, f"{p}.v", f"{p}.v_bias" if a.v_bias is not None else None)
-        eps = self.model.norm_eps
         if a.qk_norm == "full":
-            q, k = rms_norm(q, self.w(f"{p}.q_norm"), eps), rms_norm(k, self.w(f"{p}.k_norm"), eps)
+            q, k = self.norm(q, f"{p}.q_norm"), self.norm(k, f"{p}.k_norm")
         if a.clip_qkv is not None:
             q, k, v = (z.clamp(-a.clip_qkv, a.clip_qkv) for z in (q, k, v))
         q = q.view(b, t, a.n_heads, a.head_dim)
         k = k.view(b, t, a.n_kv_heads, a.head_dim)
         v = v.view(b, t, a.n_kv_heads, a.head_dim)
         if a.qk_norm == "head":
-            q, k = rms_norm(q, self.w(f"{p}.q_norm"), eps), rms_norm(k, self.w(f"{p}.k_norm"), eps)
+            q, k = self.norm(q, f"{p}.q_norm"), self.norm(k, f"{p}.k_norm")
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        cos, sin = rope_tables(positions, self.model.rope, self.device)
+        cos, sin = self._rope_tables(positions, self.model.rope, self.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = a.n_heads // a.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * a.head_dim ** -0.5
+        scores = self.product(q @ k.transpose(-1, -2)) * a.head_dim ** -0.5
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = torch.softmax(scores, dim=-1) @ v
+        out = self.product(torch.softmax(scores, dim=-1) @ v)
         out = out.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)
         return self.linear(out, f"{p}.o")
 
@@ -210,13 +236,31 @@ class ReferenceExecutor:
         return route(self.model.blocks[i].ffn, self.router_logits(i, x), self.router_map(i))
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's MoE on tokens x, expert by expert: each expert's weights are fetched when
+        its turn comes (a streaming executor fetches and drops them, so one expert is resident
+        at a time)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, weights = self.route(i, x)
+        logits = self.router_logits(i, x)
+        idx, weights = route(self.model.blocks[i].ffn, logits, self.router_map(i))
+        self.observe_routing(i, x, logits, idx, weights)
         prefix = f"blocks.{i}.ffn.experts"
-        out = combine_experts(x, idx, weights, lambda e, rows: self.mlp(x[rows], f"{prefix}.{e}"))
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            out = self.mlp(x[rows], f"{prefix}.{e}")
+            self.observe_expert(i, e, rows, out, weights, idx)
+            return out
+
+        out = combine_experts(x, idx, weights, expert)
         shared = self.shared_expert(i, x)
         return (out if shared is None else out + shared).reshape(shape)
+
+    # observation points for calibration statistics (no-ops here; see runtime/streaming.py)
+    def observe_routing(self, i, x, logits, idx, weights) -> None:
+        pass
+
+    def observe_expert(self, i, e, rows, out, weights, idx) -> None:
+        pass
 
     def shared_expert(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Block i's always-on expert output (None when its MoE has none)."""

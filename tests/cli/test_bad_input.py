@@ -240,3 +240,35 @@ def test_hugging_face_cache_layout_of_symlinks_compiles(tiny_model, tmp_path, ou
     proc = run_cli(snapshot, "-o", out_dir / "x.gguf", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert outputs_in(out_dir) == ["x.gguf", "x.report.json"]
+
+
+def test_ctrl_c_at_real_size_resumes_to_the_same_bytes(tiny_model, tmp_path, monkeypatch, capsys):
+    """A model above the streaming threshold (forced here), Ctrl-C during a layer-major pass,
+    then the same command: it resumes and writes exactly the file an uninterrupted run writes."""
+    from moecompile.cli import main
+    from moecompile.runtime import streaming
+    from moecompile.runtime.resume import ENV
+
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setenv(ENV, str(tmp_path / "resume"))
+    folder = tiny_model("mixtral", num_hidden_layers=3)
+    argv = [str(folder), "--experts", "4", "--prune-method", "reap", "--calib", "add",
+            "--calib-n", "3", "--no-verify", "--quiet"]
+    assert main(argv + ["-o", str(tmp_path / "clean.gguf")]) == 0
+    original = streaming.Observer.block
+    calls = []
+
+    def interrupt_once(self, block, *args):
+        calls.append(block)
+        if block == 2 and calls.count(2) == 1:
+            raise KeyboardInterrupt
+        return original(self, block, *args)
+
+    monkeypatch.setattr(streaming.Observer, "block", interrupt_once)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(argv + ["-o", str(out / "m.gguf")]) == 130
+    assert outputs_in(out) == [] and "interrupted" in capsys.readouterr().err
+    assert main(argv + ["-o", str(out / "m.gguf")]) == 0
+    assert (out / "m.gguf").read_bytes() == (tmp_path / "clean.gguf").read_bytes()
+    assert not list((tmp_path / "resume").iterdir())

@@ -69,7 +69,7 @@ def test_plan_prints_the_choice_and_writes_nothing(tmp_path):
                    "--plan", "-o", f"{out}/")
     assert proc.returncode == 0, proc.stderr
     assert "nothing written (--plan)" in proc.stdout
-    assert f"llama-server -m moe-tiny-mixed.gguf -c 512" in proc.stdout
+    assert "llama-server -m moe-tiny-mixed.gguf -c 512" in proc.stdout
     assert "memory: weights" in proc.stdout and not out.exists()
     assert not list(tmp_path.iterdir())
 

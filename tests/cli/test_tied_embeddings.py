@@ -9,7 +9,7 @@ import pytest
 from moecompile import frontend
 from moecompile.cli import main
 from moecompile.evaluation import evaluate
-from moecompile.exporters.gguf.quantizer import read_tensors
+from moecompile.exporters.gguf.reader import read_tensors
 
 
 @pytest.fixture(scope="module")

@@ -213,3 +213,46 @@ def test_user_calibration_files_and_top_k_clamp(tiny_model, tmp_path):
     assert by_text["fitness"] <= 0.0 and by_text["fitness"] >= max(by_text["baseline_fitness"].values())
     assert by_text["top_k_clamped"] == [2, 1]
     assert all(b.ffn.top_k == 1 for b in pruned.blocks)
+
+
+@pytest.mark.parametrize("method", ["frequency", "mass", "reap"])
+def test_streaming_pass_chooses_and_scores_as_the_token_major_one(tiny_model, calib_of,
+                                                                  monkeypatch, method):
+    """Above the streaming threshold, one layer-major pass gathers the statistics and another
+    scores the result: the same experts, the same fitness."""
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("qwen2_moe"))
+    calib = calib_of(model)
+    pruned, small = prune_experts(model, 2, method, calib)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    streamed, large = prune_experts(model, 2, method, calib)
+    assert large["executor"] == "streaming" and large["layers"] == small["layers"]
+    assert large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
+    assert large["fitness_unpruned"] == pytest.approx(small["fitness_unpruned"], abs=1e-5)
+    assert large["coverage"]["least_routed"] >= 0
+
+
+def test_streaming_text_fitness_is_the_top_k_kl(tiny_model, tmp_path, monkeypatch):
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("mixtral"))
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(60)))
+    calib = build_calib(model, str(text), 3)
+    _, small = prune_experts(model, 4, "frequency", calib)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    _, large = prune_experts(model, 4, "frequency", calib)
+    # a vocabulary within TOP_K_REFERENCE: the top-K KL is the whole KL
+    assert large["fitness"] < 0 and large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
+
+
+def test_reap_keeps_the_experts_that_contribute_most(tiny_model, calib_of):
+    model = frontend.load(tiny_model("olmoe"))
+    calib = calib_of(model)
+    io = collect_layer_io(model, calib)
+    plans = choose("reap", model, io, 3)
+    for layer, plan in plans.items():
+        saliency = io[layer].reap
+        assert sorted(plan.kept) == sorted(saliency.argsort(descending=True)[:3].tolist())
+        assert (saliency >= 0).all() and saliency.max() > 0

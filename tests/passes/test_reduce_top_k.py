@@ -133,3 +133,30 @@ def test_impossible_requests_exit_2(mixtral, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["blocks", "moe_layers"])
+def test_drops_at_real_size_choose_and_score_as_token_major(mixtral, monkeypatch, kind):
+    from moecompile.runtime import streaming
+
+    _, model, calib = mixtral
+    small_model, small = trim(model, kind, 1, calib)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    large_model, large = trim(model, kind, 1, calib)
+    assert large["dropped"] == small["dropped"] and large["executor"] == "streaming"
+    assert large["similarity"] == pytest.approx(small["similarity"], abs=1e-5)
+    assert large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
+    assert large["fitness_before"] == pytest.approx(small["fitness_before"], abs=1e-5)
+
+
+def test_plain_top_k_at_real_size_and_search_refused(mixtral, monkeypatch):
+    from moecompile.errors import UserError
+    from moecompile.runtime import streaming
+
+    _, model, calib = mixtral
+    _, small = reduce_top_k(model, 1, "plain", calib)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    _, large = reduce_top_k(model, 1, "plain", calib)
+    assert large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
+    with pytest.raises(UserError, match="--topk-method plain"):
+        reduce_top_k(model, 1, "search", calib)

@@ -44,7 +44,7 @@ def test_f32_export_matches_transformers(tiny_model, tmp_path, arch):
     assert rc == 0 and out.exists()
     assert report["verification"]["passed"] and report["verification"]["top1_agreement"] == 1.0
     ids = fixed_tokens(report_vocab(report), 40, seed=7)
-    got = run_llama_cpp(out, ids)
+    got = run_llama_cpp(out, [ids])[0]
     want = transformers_logits(folder, ids)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(got - want).max() <= 1e-3

@@ -9,7 +9,7 @@ from moecompile import frontend
 from moecompile.analysis.calibration import build_calib
 from moecompile.cli import main
 from moecompile.exporters.gguf import imatrix_dat
-from moecompile.exporters.gguf.quantizer import read_tensors
+from moecompile.exporters.gguf.reader import read_tensors
 from moecompile.exporters.gguf.target import GGUFTarget
 from moecompile.exporters.gguf.types import ggml, stored_type
 from moecompile.exporters.target import TypeRequest
@@ -72,8 +72,9 @@ def test_imatrix_shapes_file_and_effect(models, tmp_path):
     model = models["h256"]
     calib = build_calib(model, "add,rev", 4)
     target = GGUFTarget()
-    imat, calls = target.importance(model, PassContext(calib=calib))
+    imat, calls, coverage = target.importance(model, PassContext(calib=calib))
     assert calls == calib.n_examples
+    assert coverage["min_tokens"] == 64 and not coverage["topped_up"]
     for t in target.quantizable(model):
         # one value per input column, per expert for stacked expert tensors
         assert imat[t.name].shape == (t.shape[-1] * (len(t.parts) if len(t.shape) == 3 else 1),)

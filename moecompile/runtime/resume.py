@@ -1,0 +1,86 @@
+"""Resuming a long layer-major pass where it stopped.
+
+After each block a pass's whole state — the hidden states of every calibration sequence, what
+its observers have summed, the next block — goes to disk atomically (a temporary file renamed
+over the last one), under a key that fingerprints everything the state depends on: the
+checkpoint's files, the IR's history, the calibration tokens, the pass and its settings, and
+moecompile's version. Ctrl-C and the same command again starts at the first unfinished block and
+computes the same numbers, so the output is byte-identical to an uninterrupted run; nothing
+before that block is redone. States live in the user's cache folder (XDG_CACHE_HOME, else
+~/.cache, `moecompile/resume/KEY/`), never beside the output, and are removed when the pass
+completes (GPTQModel's and ModelOpt's per-layer checkpoints; shared/research/scale.md §6.11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import __version__, ir
+
+ENV = "MOECOMPILE_RESUME_DIR"
+
+
+def cache_root() -> Path:
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moecompile" / "resume"
+
+
+def fingerprint(model: ir.Model, *parts) -> str:
+    """A key for a pass over `model`: its source files (name, size, modification time), its
+    history, and `parts` (tensors by their bytes, anything else by its repr)."""
+    h = hashlib.sha256(__version__.encode())
+    source = Path(model.source)
+    if source.is_dir():
+        for f in sorted(source.iterdir()):
+            if f.is_file():
+                stat = f.stat()
+                h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    h.update(repr(model.history).encode())
+    h.update(repr(sorted(model.types.items())).encode())
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:32]
+
+
+class Resume:
+    """The saved state of one pass (a key from `fingerprint`)."""
+
+    def __init__(self, key: str):
+        self.folder = cache_root() / key
+        self.file = self.folder / "state.pt"
+
+    def load(self) -> dict | None:
+        if not self.file.exists():
+            return None
+        try:
+            return torch.load(self.file, weights_only=False)
+        except Exception:  # a state from a crash mid-write is never renamed in; be safe anyway
+            return None
+
+    def save(self, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(f".tmp-{os.getpid()}")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.file)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def done(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def resume_for(model: ir.Model, calib, *what) -> Resume:
+    """The saved state of a pass over `model` on calibration set `calib`; `what` names the
+    pass and its settings."""
+    return Resume(fingerprint(model, calib.ids, calib.mask, *what))

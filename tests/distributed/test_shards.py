@@ -1,0 +1,95 @@
+"""Data parallelism: a calibration pass split by examples over Ray workers, its observer and
+fitness states merged, equals one pass over everything — exactly with one shard (the same
+computation), to float tolerance with two and three (other batch shapes, other summation
+order), and counts exactly always."""
+
+import pytest
+import torch
+
+from moecompile import frontend
+from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.observers import (ImportanceObserver, Observers, RouterObserver,
+                                           SimilarityObserver)
+from moecompile.analysis.shards import split, stream
+from moecompile.passes.reduce_top_k import with_top_k
+from moecompile.runtime.streaming import StreamingExecutor
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    model = frontend.load(tiny_model("qwen2_moe"))  # shared expert, no top-k renormalisation
+    return model, build_calib(model, "add,rev,brackets", 3), build_calib(model, "default", 4)
+
+
+def observers(model):
+    # min_tokens above the tokens of the set: every expert is topped up, so the merge of the
+    # shards' top-up candidates is what is checked
+    paths = {p for p, t in model.tensors() if len(t.shape) == 2}
+    return Observers(ImportanceObserver(paths, min_tokens=80), RouterObserver(),
+                     SimilarityObserver(model))
+
+
+def single(model, calib, text_calib):
+    """The unsharded pass, in this process, as the code without an engine ran it."""
+    obs, fit = observers(model), StreamingFitness(calib)
+    ex = StreamingExecutor(model, "cpu", observer=obs)
+    ex.run(calib.ids, calib.mask, fit.consume)
+    obs.observers[0].top_up(ex)
+    ref = StreamingFitness(text_calib)
+    StreamingExecutor(model, "cpu").run(text_calib.ids, text_calib.mask, ref.consume)
+    kl = StreamingFitness(text_calib, ref)
+    StreamingExecutor(with_top_k(model, 1), "cpu").run(text_calib.ids, text_calib.mask,
+                                                       kl.consume)
+    return obs, fit, ref, kl
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_merged_shards_equal_the_single_run(ray_engine, setup, shards):
+    model, calib, text_calib = setup
+    want_obs, want_fit, want_ref, want_kl = single(model, calib, text_calib)
+    obs, fit = stream(ray_engine, model, calib, observers(model), StreamingFitness(calib),
+                      shards=shards)
+    obs.observers[0].top_up(StreamingExecutor(model, "cpu"))
+    _, ref = stream(ray_engine, model, text_calib, None, StreamingFitness(text_calib),
+                    shards=shards)
+    _, kl = stream(ray_engine, with_top_k(model, 1), text_calib, None,
+                   StreamingFitness(text_calib, ref), shards=shards)
+
+    imp, router, sim = obs.observers
+    want_imp, want_router, want_sim = want_obs.observers
+    assert imp.counts == want_imp.counts and imp.topped_up == want_imp.topped_up
+    assert imp.topped_up  # the top-up ran
+    assert router.tokens == want_router.tokens and sim.count == want_sim.count
+    for block, freq in want_router.frequency.items():
+        assert torch.equal(router.frequency[block], freq)
+    assert torch.equal(fit.wrong, want_fit.wrong)
+    assert fit.logp_count == want_fit.logp_count and kl.logp_count == want_kl.logp_count
+    assert ref.top.keys() == want_ref.top.keys()
+    if shards == 1:  # the same computation: bit for bit
+        close = torch.equal
+        exact = True
+    else:
+        def close(a, b):
+            return torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+        exact = False
+    for path, value in want_imp.sums.items():
+        assert close(imp.sums[path], value), path
+    for block in want_router.frequency:
+        assert close(router.mass[block], want_router.mass[block])
+        assert close(router.saliency(block), want_router.saliency(block))
+    got = [*sim.similarities()[0], fit.value(), kl.value(), fit.logp_sum]
+    want = [*want_sim.similarities()[0], want_fit.value(), want_kl.value(), want_fit.logp_sum]
+    assert got == (want if exact else pytest.approx(want, rel=1e-5, abs=1e-7))
+    assert want_kl.value() < -1e-4  # top-1 moved the distribution: a KL worth comparing
+
+
+def test_split_balances_tokens_and_covers_every_example(setup):
+    _, calib, _ = setup
+    for n in (1, 2, 3, 5):
+        parts = split(calib, n)
+        assert len(parts) == min(n, calib.n_examples)
+        assert sum(parts, []) == list(range(calib.n_examples))
+        tokens = [int(calib.mask[p].sum()) for p in parts]
+        longest = int(calib.mask.sum(dim=1).max())
+        assert max(tokens) - min(tokens) <= 2 * longest

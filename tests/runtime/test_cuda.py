@@ -1,0 +1,42 @@
+"""The CUDA path (skipped without a GPU; tools/gpu_check.sh runs these on a CUDA machine): the
+reference and streaming executors, fitness and the layer-local sensitivity give the numbers the
+CPU gives, within float tolerance."""
+
+import pytest
+import torch
+
+from moecompile import frontend
+from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.runtime import ReferenceExecutor
+from moecompile.runtime.streaming import StreamingExecutor
+from moecompile.testing.models import ARCHS
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_executors_on_cuda_match_the_cpu(tiny_model, arch):
+    model = frontend.load(tiny_model(arch))
+    calib = build_calib(model, "add,rev", 3)
+    real = calib.mask.bool()
+    cpu = ReferenceExecutor(model, "cpu").logits(calib.ids, calib.mask)[real]
+    for executor in (ReferenceExecutor, StreamingExecutor):
+        gpu = executor(model, "cuda").logits(calib.ids, calib.mask)[real].cpu()
+        assert torch.allclose(gpu, cpu, atol=1e-3, rtol=1e-3), (executor, (gpu - cpu).abs().max())
+
+
+def test_fitness_on_cuda_matches_the_cpu(tiny_model):
+    model = frontend.load(tiny_model("olmoe"))
+    calib = build_calib(model, "add,sort", 4)
+    assert FitnessEvaluator(model, calib, "cuda").fitness({}) == pytest.approx(
+        FitnessEvaluator(model, calib, "cpu").fitness({}), abs=1e-3)
+
+
+def test_compile_with_the_reference_on_cuda(tiny_model, tmp_path):
+    from moecompile.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main([str(tiny_model("qwen3_moe")), "-o", str(out), "--quant", "q8_0",
+                 "--device", "cuda", "--quiet"]) == 0
