@@ -28,6 +28,13 @@ Requires MLPs at least as wide as asked; ensures each slimmed MLP has exactly it
 width and unchanged ones are untouched (a width equal to the current one changes nothing).
 Per-layer and per-expert widths (a dict) are the Python API's; a target refuses what its
 runtime cannot hold (GGUF: one width for the whole model).
+
+At real size (a model that streams, runtime/streaming.py) the statistics and the original's
+fitness come from one layer-major pass (analysis/neurons.py `NeuronObserver`) and the slimmed
+model's fitness from a second, as for expert pruning; the choice is the same as token-major.
+The refit holds F x F float64 statistics per slimmed MLP (16 F^2 bytes: 16 MiB at OLMoE's
+F=1024, so 16 GiB for its 1024 experts) and is refused above REFIT_STATS with the alternative,
+--width-refit none, whose importances need F numbers per MLP.
 """
 
 from __future__ import annotations
@@ -40,8 +47,11 @@ from dataclasses import replace
 
 from moecompile import ir
 from moecompile.analysis import neurons
-from moecompile.analysis.fitness import FitnessEvaluator
+from moecompile.analysis.fitness import FitnessEvaluator, StreamingFitness
+from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
+from moecompile.runtime.streaming import streams
+from moecompile.sizes import format_size
 from moecompile.widths import WidthRequest, parse
 
 from .base import Pass, PassContext, PassResult
@@ -49,6 +59,8 @@ from .base import Pass, PassContext, PassResult
 METHODS = neurons.IMPORTANCES
 REFITS = ("lsq", "none")
 FULL_STATS = 1 << 30  # bytes of F x F statistics collected without a refit, for its report
+REFIT_STATS = 8 << 30  # bytes of F x F statistics the refit may hold (float64, two halves)
+
 
 def requested_widths(model: ir.Model, width, shared_width=None) -> dict[str, int]:
     """IR prefix of each MLP to slim -> its new width. `width` applies to routed experts: a
@@ -114,13 +126,31 @@ class SlimExperts(Pass):
         if not todo:
             return PassResult(model, False, report)  # every MLP already at most that wide
         t0 = time.monotonic()
+        need = neurons.statistics_bytes(model, todo, full=True)
+        if self.refit == "lsq" and need > REFIT_STATS:
+            raise UserError(f"--width-refit lsq: the refit needs the F x F activation statistics "
+                            f"of every slimmed MLP, {format_size(need)} here (more than the "
+                            f"{format_size(REFIT_STATS)} this pass holds); use --width-refit "
+                            "none (the importances need only each neuron's mean square)")
         # calibration for the activation statistics, the refit, or (when given) the report
         measured = (self.method in ("wanda", "activation") or self.refit != "none"
                     or ctx.has_calibration)
         calib = ctx.calibration(model, "--expert-width") if measured else None
         # full second moments for the refit, or (when small) to report the slice's error
-        full = self.refit == "lsq" or sum(16 * mlps[p].width ** 2 for p in todo) <= FULL_STATS
-        stats = neurons.collect(model, calib, set(todo), ctx.device, full) if calib else {}
+        full = self.refit == "lsq" or need <= FULL_STATS
+        layer_major = streams(model)
+        original = None
+        if calib is None:
+            stats = {}
+        elif layer_major:  # one layer-major pass: the statistics and the original's fitness
+            observer, original = stream(
+                ctx.engine, model, calib, neurons.NeuronObserver(model, calib, set(todo), full),
+                StreamingFitness(calib), shards=1,
+                what=("neurons", full, tuple(sorted(todo))),
+                progress="neuron statistics" if ctx.progress else None)
+            stats = observer.result()
+        else:
+            stats = neurons.collect(model, calib, set(todo), ctx.device, full)
         rng = random.Random(f"slim/{ctx.seed}")
         new: dict[str, ir.Expert] = {}
         entries: dict[str, dict] = {}
@@ -149,7 +179,15 @@ class SlimExperts(Pass):
                                   "error_slice": 0.0, "error": 0.0, "error_held_out": 0.0,
                                   "tokens": stats[p].tokens if p in stats else None}
             for p, m in mlps.items() if _layer_key(p) in touched}))
-        if calib is not None:
+        if calib is not None and layer_major:
+            _, after = stream(ctx.engine, slim, calib, None,
+                              StreamingFitness(calib, original if calib.kind == "text" else None),
+                              what=("fitness",),
+                              progress="slimmed model's fitness" if ctx.progress else None)
+            report.update(calib=calib.spec, executor="streaming",
+                          fitness_before=round(original.value(), 6),
+                          fitness=round(after.value(), 6))
+        elif calib is not None:
             report["calib"] = calib.spec
             report["fitness_before"] = round(FitnessEvaluator(model, calib, ctx.device)
                                              .fitness({}), 6)

@@ -25,11 +25,13 @@ the reverse, summed), then M is fitted on all of them. With few tokens per exper
 least-squares fit overfits; the hold-out lets the data say how much refit it supports, and
 "no refit" is always one of the choices.
 
-Statistics are collected one-shot on the model as it is (one forward of the calibration set).
-The importances need only each neuron's mean square; the refit (and the plain slice's error)
+Statistics are collected one-shot on the model as it is (one forward of the calibration set):
+token-major (`collect`), or for a model too large for that layer-major, by `NeuronObserver` fed
+by the streaming executor (runtime/streaming.py) — the same sums from the same tokens. The
+importances need only each neuron's mean square; the refit (and the plain slice's error)
 need the F x F second moments, float64 in two halves: F^2 x 16 bytes per MLP — nothing at the
-bundled model's F=256, 3 GiB per expert at Mixtral's 14336 (there a streaming pass would keep
-one layer's experts at a time; this module keeps all it is asked for).
+bundled model's F=256, 3 GiB per expert at Mixtral's 14336 (this module keeps all it is asked
+for; the pass refuses a refit whose statistics would not fit, passes/slim_experts.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 
 from moecompile import ir
 from moecompile.runtime.executor import ReferenceExecutor, route
+from moecompile.runtime.streaming import Observer
 
 from .calibration import CalibSet
 
@@ -81,6 +84,15 @@ class NeuronStats:
                     self.sums[h] += aw.T @ a[rows]
                 self.weights[h] += float(w[rows].sum())
         self.tokens += a.shape[0]
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        for h in (0, 1):
+            self.diag[h] += other.diag[h]
+            if self.full:
+                self.sums[h] += other.sums[h]
+            self.weights[h] += other.weights[h]
+        self.tokens += other.tokens
+        return self
 
     def second_moment(self, half: int | None = None) -> torch.Tensor | None:
         """E_w[a a^T] over one half (None: both); None when no token reached it."""
@@ -153,6 +165,93 @@ def collect(model: ir.Model, calib: CalibSet, prefixes: set[str], device: str = 
             observe(f"blocks.{i}.ffn.mlp", x, torch.ones(x.shape[0], device=x.device), half)
         h = ex.ffn_residual(i, h)
     return stats
+
+
+def halves(calib: CalibSet) -> torch.Tensor:
+    """Which half (0: even, 1: odd calibration example) each real token belongs to, in the
+    executors' order of real tokens (row-major, padding removed)."""
+    mask = calib.mask.bool()
+    half = (torch.arange(calib.n_examples)[:, None] % 2).expand_as(mask)
+    return half[mask]
+
+
+def statistics_bytes(model: ir.Model, prefixes, full: bool) -> int:
+    """What the statistics of the MLPs at `prefixes` hold (float64, two halves)."""
+    paths = mlp_paths(model, shared=True)
+    return sum(16 * (paths[p].width ** 2 if full else paths[p].width) for p in prefixes)
+
+
+class NeuronObserver(Observer):
+    """`collect`'s statistics from a layer-major pass over the whole calibration set: each
+    MLP's down-projection input is its activation `a`; a routed expert's tokens are weighted by
+    their routing weight (known when the executor reports the expert's output), a gated shared
+    expert's by its sigmoid gate (computed from the layer's input with the executor's weight
+    at the end of the block), a dense MLP's by 1. The hold-out halves are the examples'
+    parity over the whole set, so the pass runs over the whole set in one process (it is not
+    split over Ray workers yet)."""
+
+    def __init__(self, model: ir.Model, calib: CalibSet, prefixes: set[str], full: bool):
+        paths = mlp_paths(model, shared=True)
+        self.widths = {p: paths[p].width for p in prefixes}
+        self.full = full
+        # allocated on an MLP's first token: an unused copy (a shard's) costs nothing
+        self.stats: dict[str, NeuronStats] = {}
+        self.half = halves(calib)
+        self.gated = {i for i, b in enumerate(model.blocks) if isinstance(b.ffn, ir.MoE)
+                      and b.ffn.shared is not None and b.ffn.shared.gate is not None}
+        self.executor = None
+        self._layer: dict = {}  # this block's pending activations and MoE input (transient)
+
+    def attach(self, executor) -> None:
+        self.executor = executor
+
+    def input(self, path, x):
+        prefix = path.removesuffix(".down")
+        if prefix == path or prefix not in self.widths or not x.shape[0]:
+            return
+        if ".ffn.experts." in prefix or prefix.endswith(".shared.mlp"):
+            self._layer[prefix] = x  # weighted when the routing or the gate is known
+        else:
+            self._add(prefix, x, torch.ones(x.shape[0]), self.half)
+
+    def _add(self, prefix: str, a, w, half) -> None:
+        if prefix not in self.stats:
+            self.stats[prefix] = NeuronStats(self.widths[prefix], self.full)
+        self.stats[prefix].add(a, w, half)
+
+    def routing(self, block, x, logits, idx, weights):
+        self._layer["x"] = x
+
+    def expert(self, block, e, rows, out, weights, idx):
+        a = self._layer.pop(f"blocks.{block}.ffn.experts.{e}", None)
+        if a is not None:
+            w = (weights[rows] * (idx[rows] == e)).sum(-1)
+            self._add(f"blocks.{block}.ffn.experts.{e}", a, w ** 2, self.half[rows.cpu()])
+
+    def block(self, block, h_in, h_mid, h_out):
+        prefix = f"blocks.{block}.ffn.shared.mlp"
+        a = self._layer.pop(prefix, None)
+        if a is not None:
+            x = self._layer["x"]
+            g = (torch.sigmoid(x @ self.executor.w(f"blocks.{block}.ffn.shared.gate").T)[:, 0]
+                 if block in self.gated else torch.ones(x.shape[0], device=x.device))
+            self._add(prefix, a, g ** 2, self.half)
+        self._layer = {}
+
+    def merge(self, other: "NeuronObserver") -> "NeuronObserver":
+        for prefix, stats in other.stats.items():
+            if prefix in self.stats:
+                self.stats[prefix].merge(stats)
+            else:
+                self.stats[prefix] = stats
+        return self
+
+    def result(self) -> dict[str, NeuronStats]:
+        """Every asked MLP's statistics, empty for one no calibration token reached (as
+        `collect` gives them)."""
+        return {p: self.stats.get(p) or NeuronStats(w, self.full) for p, w in self.widths.items()}
+
+    transient = Observer.transient + ("half", "gated", "widths", "full")
 
 
 def importance(method: str, down: torch.Tensor, stats: NeuronStats | None,

@@ -302,3 +302,53 @@ def test_a_slimmed_model_keeps_onnx_runtimes_fused_int4_kernels(tiny_model, tmp_
     assert set(report["moe_lowering"].values()) == {"ort"} and report["verification"]["passed"]
     assert report["passes"][0]["layers"]["0"]["width"] == 64
     assert "width_fallbacks" not in report
+
+
+def test_at_real_size_the_statistics_come_from_a_layer_major_pass(tiny_model, calib_of,
+                                                                  monkeypatch):
+    """Above the streaming threshold the pass gathers its statistics with an observer of the
+    layer-major executor and chooses, refits and reports as the token-major pass does: routed
+    experts (routing weights), a gated shared expert (its gate) and a dense MLP (weight 1)."""
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("qwen2_moe", mlp_only_layers=[1]))
+    assert isinstance(model.blocks[1].ffn, ir.Dense)
+    calib = calib_of(model)
+    small, small_report = apply(SlimExperts("0.5", shared_width="0.5"), model, calib)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    large, large_report = apply(SlimExperts("0.5", shared_width="0.5"), model, calib)
+    assert "executor" not in small_report and large_report["executor"] == "streaming"
+    assert set(large_report["layers"]) == {"0", "0.shared", "1.mlp"}
+    for key, layer in small_report["layers"].items():
+        other = large_report["layers"][key]
+        assert other["kept_hash"] == layer["kept_hash"] and other["ridge"] == layer["ridge"], key
+        assert other["tokens"] == layer["tokens"]
+        assert np.allclose(other["error"], layer["error"], atol=1e-5), key
+    assert large_report["fitness"] == pytest.approx(small_report["fitness"], abs=1e-4)
+    assert large_report["fitness_before"] == pytest.approx(small_report["fitness_before"],
+                                                           abs=1e-4)
+    for (name, a), (_, b) in zip(small.tensors(), large.tensors()):
+        assert torch.allclose(a.value(), b.value(), atol=1e-5, rtol=1e-4), name
+
+
+def test_a_refit_whose_statistics_do_not_fit_exits_2_naming_the_alternative(
+        tiny_model, tmp_path, capsys, monkeypatch):
+    from moecompile.passes import slim_experts
+    from moecompile.runtime import streaming
+
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    folder = tiny_model("mixtral")
+    capsys.readouterr()  # what building the model printed
+    need = 2 * 8 * 16 * 48 ** 2  # two layers of eight 48-wide experts
+    monkeypatch.setattr(slim_experts, "REFIT_STATS", need - 1)
+    argv = [str(folder), "-o", str(tmp_path / "s.gguf"), "--quiet", "--expert-width", "0.5",
+            "--calib", "add", "--calib-n", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--width-refit none" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+    assert main(argv + ["--width-refit", "none"]) == 0
+    report = json.loads((tmp_path / "s.report.json").read_text())
+    entry = report["passes"][0]
+    assert entry["executor"] == "streaming" and entry["refit"] == "none"
+    assert report["verification"]["passed"]

@@ -259,6 +259,33 @@ def test_allow_prune_trades_experts_width_and_types_to_meet_the_budget(tiny_mode
     assert (best["experts"], best["width"]) == (structure["experts"], structure["width"])
 
 
+
+def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_model, tmp_path,
+                                                                       monkeypatch):
+    """A model that streams: the types' sensitivity is layer-local, the pruned and slimmed
+    variants are built by the streaming passes and their KL measured layer-major; the choice
+    fits and verifies."""
+    from moecompile.exporters.target import TypeRequest
+    from moecompile.passes.base import PassContext
+    from moecompile.runtime import streaming
+
+    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
+    model = frontend.load(folder)
+    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
+                                         PassContext()).weight_bytes
+    budget = context_bytes(model, 128) + int(0.7 * smallest)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    out = tmp_path / "p.gguf"
+    assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget", str(budget),
+                 "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
+                 "--allow-prune", "--prune-method", "frequency"]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    quant = report["quant"]
+    assert quant["sensitivity_method"]["method"] == "layer-local"
+    assert (quant["structure"]["experts"], quant["structure"]["width"]) != (8, 256)
+    assert all(p.get("executor") == "streaming" for p in report["passes"][:-1])
+    assert report["memory"]["total_bytes"] <= budget and report["verification"]["passed"]
+
 @needs_bundled
 @pytest.mark.parametrize("target,budget", [("gguf", "27MB"), ("onnx", "9MB")])
 def test_layer_local_sensitivity_predicts_what_it_measures(tmp_path, target, budget):
