@@ -5,8 +5,9 @@ A job asks a target, in order:
 1. `configure(options)`: refuse flags the runtime cannot honour, before any model is read, and
    keep what its export needs (e.g. ONNX's MoE lowering);
 2. `check(model)`: refuse an IR the runtime cannot run faithfully, with the reason;
-3. `choose_types(model, request, ctx)`: weight types as IR data (`Model.types`), their bytes
-   and the runtime's memory for them, within `--budget` where one is given;
+3. `choose_types(model, request, ctx, variants)`: weight types as IR data (`Model.types`),
+   their bytes and the runtime's memory for them, within `--budget` where one is given (with
+   `--allow-prune`, also among fewer and narrower experts the job builds on request);
 4. `commit(plan, out)`: write under a temporary name, run the file in its runtime against the
    reference executor on the file's own numerics, then rename it to OUT (or OUT.FAILED.*),
    leaving nothing half-written on any error or Ctrl-C;
@@ -43,6 +44,27 @@ class TypeRequest:
         """--budget alone: the most faithful types that fit it, chosen by the target."""
         return (self.budget is not None and self.quant is None and self.quant_map is None
                 and self.dtype == "auto")
+
+
+@dataclass
+class Variant:
+    """A structural alternative the job builds for a target's budget (--allow-prune): the
+    model with fewer and/or narrower experts (built by the passes, so its history says how),
+    and its measured cost."""
+
+    model: ir.Model
+    loss: float  # KL to the original on the calibration data, at full precision
+    lines: list[str] = field(default_factory=list)  # what building it printed
+
+
+class VariantSource:
+    """What the job offers a target that may trade structure for bytes: `variant(experts,
+    width)` builds (once) the model pruned to `experts` routed experts per MoE layer and
+    slimmed to `width` neurons per expert, and measures it. Targets decide which structures
+    are worth building — they know the bytes — and never run a pass themselves."""
+
+    def __call__(self, experts: int, width: int) -> Variant:
+        raise NotImplementedError
 
 
 @dataclass
@@ -105,7 +127,10 @@ class Target:
     def check(self, model: ir.Model) -> None:
         raise NotImplementedError
 
-    def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+    def choose_types(self, model: ir.Model, request: TypeRequest, ctx,
+                     variants: VariantSource | None = None) -> TypePlan:
+        """Types for `request`; with `variants` (--allow-prune) the budget may also take a
+        structure with fewer or narrower experts, and the plan's model is that variant."""
         raise NotImplementedError
 
     def commit(self, plan: TypePlan, out: Path, verify: bool = True, device: str | None = None,
@@ -129,7 +154,7 @@ class Target:
 
 class BudgetUnreachable(UserError):
     """Even the smallest types exceed --budget; `experts` per layer would fit (None: not even
-    one). `--allow-prune` prunes to that many and chooses again."""
+    one), which the message suggests (`--allow-prune` lets the budget choose structure)."""
 
     def __init__(self, message: str, experts: int | None):
         super().__init__(message)

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "about three passes in all; the chosen mix measured end to end); auto "
                         "(default): local for a model too large to run whole, else full")
     p.add_argument("--allow-prune", action="store_true",
-                   help="with --budget: when even the smallest types exceed it, prune experts "
-                        "(--prune-method, on the calibration data) until they fit")
+                   help="with --budget: choose among expert count, expert width and weight "
+                        "types by measured loss per byte saved (experts pruned by "
+                        "--prune-method, widths by --width-method), instead of types alone")
     p.add_argument("--ctx", type=int, default=None, help="context length the memory is planned "
                    "for (default 4096, or the model's context if shorter)")
     p.add_argument("--gpu-mem", metavar="SIZE",
@@ -93,7 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
                             "how many candidates --ray workers score at once; the result is "
                             "the same with and without --ray")
     prune.add_argument("--seed", type=int, default=0, help="seed of the search and of random")
-    trim = p.add_argument_group("active experts and trimming (applied after --experts, in this order)")
+    slim = p.add_argument_group("expert slimming (narrower experts; applied after --experts)")
+    slim.add_argument("--expert-width", metavar="W",
+                      help="each routed expert keeps W of its intermediate neurons: a fraction "
+                           "(0.75; rounded to whole quantization blocks where close), a neuron "
+                           "count (192), or a comma list with one per MoE layer (not GGUF)")
+    slim.add_argument("--shared-width", metavar="W",
+                      help="the same for shared experts and dense MLP layers (left alone "
+                           "unless given)")
+    slim.add_argument("--width-method", default="wanda",
+                      choices=["wanda", "activation", "weight", "random"],
+                      help="neuron importance: wanda (default: down-column norm x RMS "
+                           "activation on the tokens routed to the expert), activation, "
+                           "weight, or random")
+    slim.add_argument("--width-refit", choices=["lsq", "none"], default="lsq",
+                      help="lsq (default): refit each down projection by ridge least squares "
+                           "to reconstruct the expert's output on calibration data; none: "
+                           "plain slice")
+    trim = p.add_argument_group("active experts and trimming (applied after --experts and "
+                                "--expert-width, in this order)")
     trim.add_argument("--top-k", type=int, metavar="K",
                       help="route each token to K experts instead of the model's own top-k")
     trim.add_argument("--topk-method", choices=["plain", "search"], default="search",

@@ -125,8 +125,52 @@ class MixRows(Recipe):
         return f"mix_rows({self.base.recipe.describe()}, {len(self.matrix)}x{len(self.matrix[0])})"
 
 
+@dataclass(frozen=True, eq=False)
+class Columns(Recipe):
+    """Selected columns of a 2-D tensor, in the given order (a slimmed expert's down
+    projection keeps the columns of its kept neurons)."""
+
+    base: Tensor
+    columns: tuple[int, ...]
+
+    def evaluate(self) -> torch.Tensor:
+        return self.base.value()[:, list(self.columns)]
+
+    def describe(self) -> str:
+        return f"columns({self.base.recipe.describe()}, {len(self.columns)} of {self.base.shape[1]})"
+
+
+@dataclass(frozen=True, eq=False)
+class MixColumns(Recipe):
+    """base @ matrix, in float32: each new column a linear combination of the base's columns
+    (a down projection refitted by least squares onto the neurons an expert keeps; the
+    matrix comes from calibration statistics, the base is read only when this is evaluated)."""
+
+    base: Tensor
+    matrix: torch.Tensor  # (base columns, new columns), float32; never modified
+
+    def evaluate(self) -> torch.Tensor:
+        return self.base.value().to(torch.float32) @ self.matrix
+
+    def describe(self) -> str:
+        rows, cols = self.matrix.shape
+        return f"mix_columns({self.base.recipe.describe()}, {rows}x{cols})"
+
+
 def rows_of(base: Tensor, rows: list[int]) -> Tensor:
     return Tensor((len(rows), *base.shape[1:]), base.dtype, Rows(base, tuple(rows)))
+
+
+def columns_of(base: Tensor, columns: list[int]) -> Tensor:
+    return Tensor((base.shape[0], len(columns)), base.dtype, Columns(base, tuple(columns)))
+
+
+def mixed_columns(base: Tensor, matrix: torch.Tensor) -> Tensor:
+    """base @ matrix as a lazy float32 tensor (matrix: (base columns, new columns))."""
+    matrix = matrix.detach().to(torch.float32).clone()
+    if matrix.dim() != 2 or matrix.shape[0] != base.shape[1]:
+        raise ValueError(f"a {tuple(matrix.shape)} matrix cannot mix the columns of {base.shape}")
+    return Tensor((base.shape[0], matrix.shape[1]), "f32", MixColumns(base, matrix))
 
 
 def combined(parts: list[Tensor], coeffs: list[float]) -> Tensor:
@@ -172,11 +216,17 @@ class Attention:
 
 @dataclass(frozen=True)
 class Expert:
-    """One SwiGLU expert: down(silu(gate x) * up x)."""
+    """One SwiGLU expert: down(silu(gate x) * up x). Its width (intermediate neurons) is its
+    own: slimming may leave the experts of one layer at different widths, which a target
+    holds or refuses (GGUF: one width per model; ONNX's portable form: one per expert)."""
 
     gate: Tensor  # (ffn, hidden)
     up: Tensor  # (ffn, hidden)
     down: Tensor  # (hidden, ffn)
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
 
 
 @dataclass(frozen=True)
@@ -358,9 +408,8 @@ def verify(model: Model) -> Model:
                 expect(ffn.router.weight, (rows, d), f"{at} router")
                 if len(ffn.router_map) != e or any(len(r) != rows for r in ffn.router_map):
                     problems.append(f"{at}: router map is not {e} x {rows}")
-            f = ffn.experts[0].gate.shape[0]
             for j, ex in enumerate(ffn.experts):
-                _expect_mlp(expect, ex, d, f, f"{at} expert {j}")
+                _expect_mlp(expect, ex, d, ex.gate.shape[0], f"{at} expert {j}")
             if ffn.shared is not None:
                 fs = ffn.shared.mlp.gate.shape[0]
                 _expect_mlp(expect, ffn.shared.mlp, d, fs, f"{at} shared expert")
@@ -380,6 +429,8 @@ def verify(model: Model) -> Model:
 
 
 def _expect_mlp(expect: Callable, mlp: Expert, d: int, f: int, what: str) -> None:
+    if f < 1:
+        expect(mlp.gate, (1, d), f"{what} gate (an MLP keeps at least one neuron)")
     expect(mlp.gate, (f, d), f"{what} gate")
     expect(mlp.up, (f, d), f"{what} up")
     expect(mlp.down, (d, f), f"{what} down")
@@ -407,7 +458,8 @@ def format_ir(model: Model) -> str:
                 + f" [{_types(model, f'blocks.{i}.attn.', a.q.dtype)}]")
         ffn = b.ffn
         if isinstance(ffn, MoE):
-            f = ffn.experts[0].gate.shape[0]
+            widths = sorted({ex.width for ex in ffn.experts})
+            f = str(widths[0]) if len(widths) == 1 else f"{widths[0]}..{widths[-1]}"
             desc = (f"moe experts={ffn.n_experts} top_k={ffn.top_k} ffn={f} {ffn.scoring}"
                     f"{' renorm' if ffn.norm_topk else ''} "
                     f"[{_types(model, f'blocks.{i}.ffn.experts.', ffn.experts[0].gate.dtype)}]")

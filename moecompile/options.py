@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .sizes import parse_size
+from .widths import WidthRequest, parse as parse_width
 
 DEFAULT_EVALUATIONS = 400  # EEP's search length (the released config's total_iter)
 # children EEP makes from one archive state: how many candidates workers can score at once
@@ -37,6 +38,10 @@ class Options:
     plan: bool = False
     experts: int | None = None
     prune_method: str = "eep"
+    expert_width: str | None = None
+    shared_width: str | None = None
+    width_method: str = "wanda"
+    width_refit: str = "lsq"
     sensitivity: str = "auto"
     calib: str | None = None
     calib_n: int = 32
@@ -63,6 +68,18 @@ class Options:
         return parse_size(self.budget) if self.budget else None
 
     @property
+    def expert_widths(self) -> WidthRequest | None:
+        return parse_width(self.expert_width) if self.expert_width else None
+
+    @property
+    def shared_widths(self) -> WidthRequest | None:
+        return parse_width(self.shared_width, "--shared-width") if self.shared_width else None
+
+    @property
+    def slimmed(self) -> bool:
+        return bool(self.expert_width or self.shared_width)
+
+    @property
     def searched(self) -> bool:
         """Does a pass search (EEP or top-k search) on calibration data?"""
         return (self.experts is not None or self.allow_prune
@@ -82,7 +99,7 @@ class Options:
     @property
     def calibrated(self) -> bool:
         """Does some flag run the model on calibration data?"""
-        return bool(self.searched or self.drop_blocks or self.drop_moe_layers
+        return bool(self.searched or self.slimmed or self.drop_blocks or self.drop_moe_layers
                     or self.quant == "auto" or (self.budget and not self.quant
                                                  and not self.quant_map))
 
@@ -90,9 +107,9 @@ class Options:
         """Refuse inconsistent flags; returns self."""
         quantized = bool(self.quant or self.quant_map)
         if not self.calibrated and not quantized and (self.calib or self.search_budget):
-            raise UserError("--calib/--search-budget only apply with --experts, --top-k, "
-                            "--drop-blocks, --drop-moe-layers, --budget or --quant/--quant-map "
-                            "(importance matrix)")
+            raise UserError("--calib/--search-budget only apply with --experts, --expert-width, "
+                            "--top-k, --drop-blocks, --drop-moe-layers, --budget or "
+                            "--quant/--quant-map (importance matrix)")
         if self.search_budget and not self.searched:
             raise UserError("--search-budget only applies to --experts, --allow-prune or --top-k "
                             "with search")
@@ -104,8 +121,8 @@ class Options:
         if self.ray is not None:
             if not (self.calibrated or (quantized and self.calib)):
                 raise UserError("--ray only applies to work on calibration data: --experts, "
-                                "--top-k, --drop-blocks, --drop-moe-layers, --budget, --quant "
-                                "auto, or --quant/--quant-map with --calib")
+                                "--expert-width, --top-k, --drop-blocks, --drop-moe-layers, "
+                                "--budget, --quant auto, or --quant/--quant-map with --calib")
             from .distributed.engine import check
 
             check(self.ray)  # the address's form, and Ray installed
@@ -116,9 +133,15 @@ class Options:
         if self.ram and not self.gpu_mem:
             raise UserError("--ram only applies with --gpu-mem")
         if self.allow_prune and (not self.budget or self.quant not in (None, "auto")
-                                 or self.quant_map or self.experts is not None):
+                                 or self.quant_map or self.experts is not None
+                                 or self.expert_width):
             raise UserError("--allow-prune applies to --budget (with --quant auto or no --quant) "
-                            "without --experts")
+                            "without --experts or --expert-width (it chooses them)")
+        self.expert_widths, self.shared_widths  # malformed widths fail here
+        if (not self.slimmed and not self.allow_prune
+                and (self.width_method != "wanda" or self.width_refit != "lsq")):
+            raise UserError("--width-method/--width-refit apply to --expert-width, "
+                            "--shared-width or --allow-prune")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k {self.top_k}: must be at least 1")
         if self.top_k is not None and self.experts is not None and self.top_k > self.experts:

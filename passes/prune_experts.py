@@ -46,7 +46,19 @@ def check_request(model: ir.Model, n_keep: int, method: str) -> int:
                         f"{min(counts)} experts per layer")
     if any(model.blocks[i].ffn.router_map is not None for i in layers):
         raise UserError("the model's experts were already pruned with a router map")
+    check_one_width(model, "--experts")
     return max(counts)
+
+
+def check_one_width(model: ir.Model, flag: str) -> None:
+    """Merging and comparing experts needs one width per layer: refuse a layer whose experts
+    were slimmed to different widths (slim after pruning, the CLI's order)."""
+    for i in moe_layers(model):
+        widths = sorted({ex.width for ex in model.blocks[i].ffn.experts})
+        if len(widths) > 1:
+            raise UserError(f"{flag}: layer {i}'s experts have widths {widths}; merging or "
+                            "comparing experts needs one width per layer, so prune before "
+                            "slimming to different widths")
 
 
 class PruneExperts(Pass):

@@ -28,6 +28,7 @@ from moecompile.errors import UserError
 from moecompile.runtime.streaming import streams
 
 from .base import Pass, PassContext, PassResult
+from .prune_experts import check_one_width
 
 METHODS = ("plain", "search")
 
@@ -71,6 +72,8 @@ class ReduceTopK(Pass):
             report["above_model_top_k"] = True
         if method == "plain" and not ctx.has_calibration:
             return PassResult(plain, True, report)  # nothing asked to measure it
+        if method == "search":
+            check_one_width(model, "--topk-method search")
         calib = ctx.calibration(model, "--topk-method search")
         report["calib"] = calib.spec
         if streams(model):

@@ -29,6 +29,23 @@ ARCHS = {
     "olmoe": Arch("olmoe", "full", False, False),
 }
 MAX_EXPERTS = 256  # LLAMA_MAX_EXPERTS of older llama.cpp builds; 0.3.36 allows 1024
+# Where llama.cpp's loader reads the expert FFN length (src/models/<arch>.cpp, load_arch_*):
+# llama and olmoe size every layer's expert tensors by n_ff() — the feed_forward_length of
+# layer 0 —, qwen2moe and qwen3moe by the one expert_feed_forward_length; qwen2moe's shared
+# experts by the one expert_shared_feed_forward_length. And a layer's experts are one stacked
+# 3-D tensor. So a GGUF holds one routed-expert width (and one shared-expert width) per model.
+
+
+def width_refusal(values, what: str = "expert") -> str:
+    """Why a GGUF cannot hold these different widths."""
+    key = ("one expert_shared_feed_forward_length" if what == "shared" else
+           "one expert FFN length per model (feed_forward_length of layer 0 for llama/olmoe, "
+           "expert_feed_forward_length for qwen2moe/qwen3moe)")
+    return (f"llama.cpp reads {key} and stacks a layer's experts in one tensor, so a GGUF "
+            f"holds one {what} width for the whole model, not {values}; give one width, or use "
+            "--target onnx (a width per layer, or per expert in its portable form)")
+
+
 def check_exportable(model: ir.Model) -> str:
     """Return llama.cpp's arch name for `model`, or raise UserError saying why it can't be exact."""
     if model.family not in ARCHS:
@@ -50,6 +67,13 @@ def check_exportable(model: ir.Model) -> str:
     if len(counts) > 1 or len(topks) > 1:
         raise UserError(f"llama.cpp needs one expert count and top-k for the whole model; "
                         f"layers have experts {sorted(counts)} and top-k {sorted(topks)}")
+    widths = sorted({ex.width for f in moes for ex in f.experts})
+    if len(widths) > 1:
+        raise UserError(f"experts of widths {widths}: " + width_refusal(widths))
+    shared_widths = sorted({f.shared.mlp.width for f in moes if f.shared is not None})
+    if len(shared_widths) > 1:
+        raise UserError(f"shared experts of widths {shared_widths}: "
+                        + width_refusal(shared_widths, "shared"))
     if max(counts) > MAX_EXPERTS:
         raise UserError(f"{max(counts)} experts exceed llama.cpp's limit of {MAX_EXPERTS}")
     for i, block in enumerate(model.blocks):

@@ -21,20 +21,22 @@ import torch
 
 from moecompile import ir
 from moecompile.analysis import allocate, imatrix, sensitivity
+from moecompile.analysis.allocate import Structure
 from moecompile.errors import UserError
 from moecompile.runtime.llama_worker import run_llama_cpp
 from moecompile.runtime.streaming import streams
 from moecompile.sizes import format_size, parse_size
 from moecompile.verify import compare_with_reference, verification_tokens
+from moecompile.widths import block_friendly
 
 from ..quant_map import match_rules, read_rules
 from ..target import (BudgetUnreachable, Committed, FileVerdict, Target, TypePlan, TypeRequest,
-                      failed_name, resolve_ctx, temp_path, type_table, types_entry)
+                      VariantSource, failed_name, resolve_ctx, temp_path, type_table, types_entry)
 from . import arch as gguf_arch
 from . import check, imatrix_dat, memory, offload, writer
 from .reader import FileNumerics, read_tensors
-from .types import DTYPES, ggml as ggml_type, keeps_f32, parse_type, roundtrip, stored_type
-from .types import tensor_bytes
+from .types import DTYPES, block_size, ggml as ggml_type, keeps_f32, parse_type, roundtrip
+from .types import stored_type, tensor_bytes
 
 log = logging.getLogger("moecompile")
 
@@ -72,6 +74,11 @@ class GGUFTarget(Target):
                             "or a target that can express it (ONNX)")
         if options.quant not in (None, "auto"):
             parse_type(options.quant)
+        for request, what in ((options.expert_widths, "expert"),
+                              (options.shared_widths, "shared")):
+            if request is not None and not request.uniform:
+                raise UserError(f"{request.flag} {request.text}: "
+                                + gguf_arch.width_refusal(list(request.values), what))
 
     def check(self, model: ir.Model) -> str:
         """llama.cpp's arch for the model, or UserError saying why it cannot be exact."""
@@ -108,9 +115,11 @@ class GGUFTarget(Target):
         """Tensor data bytes of the GGUF written for the model's types."""
         return sum(t.nbytes for t in writer.plan(model, self.check(model)))
 
-    def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+    def choose_types(self, model: ir.Model, request: TypeRequest, ctx,
+                     variants: VariantSource | None = None) -> TypePlan:
         """The types `request` asks for. `--budget` alone asks for the most faithful file that
-        fits: the lossless types if they fit, else types chosen by measured sensitivity."""
+        fits: the lossless types if they fit, else types chosen by measured sensitivity — and
+        with `variants` (--allow-prune), also a model-wide expert count and width."""
         self.check(model)
         n_ctx = resolve_ctx(model, request.ctx)
         lines: list[str] = []
@@ -126,7 +135,11 @@ class GGUFTarget(Target):
         if request.quant == "auto" or request.fits_budget:
             if request.budget is None:
                 raise UserError("--quant auto needs --budget SIZE (the memory it fits)")
-            by_tensor, importance, quant, auto_lines = self._auto(model, request, n_ctx, ctx)
+            if variants is None:
+                by_tensor, importance, quant, auto_lines = self._auto(model, request, n_ctx, ctx)
+            else:
+                model, by_tensor, importance, quant, auto_lines = self._auto_structured(
+                    model, request, n_ctx, ctx, variants)
             plan = self._typed_plan(model, request, n_ctx, ctx, "auto", by_tensor, importance)
             plan.report["quant"] = quant
             plan.lines[:0] = lines + auto_lines
@@ -160,6 +173,14 @@ class GGUFTarget(Target):
         mem = memory.memory(typed, weights, n_ctx)
         report: dict = {"ctx": n_ctx, "memory": mem.to_dict()}
         lines = []
+        fallbacks = self.width_fallbacks(model, by_tensor or {t.name: typed.types[t.paths[0]]
+                                                               for t in self.planned(model)})
+        if fallbacks:
+            report["width_fallbacks"] = fallbacks
+            lines += [f"note: {f['tensor']} rows of {f['width']} neurons do not fill "
+                      f"{f['asked']}'s blocks of {f['block']}: stored as {f['stored']} "
+                      "(llama.cpp's fallback; widths in multiples of 256 keep k-quants, of 32 "
+                      "the other types)" for f in fallbacks]
         if request.budget is not None:
             report["budget_bytes"] = request.budget
             lines.append(f"memory: {mem.describe(n_ctx)} = {format_size(mem.total_bytes)} of "
@@ -183,6 +204,23 @@ class GGUFTarget(Target):
         return TypePlan(typed, label, weights, report, lines,
                         {"dtype": label if by_tensor is None else "mixed",
                          "importance": importance})
+
+    def width_fallbacks(self, model: ir.Model, asked: dict[str, str]) -> list[dict]:
+        """Down projections of a slimmed model whose width (their row length) makes llama.cpp
+        store a larger type than asked, once per kind of tensor (ffn_down_exps, …)."""
+        if not any(entry.get("pass") == "slim_experts" for entry in model.history):
+            return []
+        seen, out = set(), []
+        for t in self.planned(model):
+            if "ffn_down" not in t.name or t.name not in asked:
+                continue
+            kind = t.name.split(".", 2)[-1].removesuffix(".weight")
+            stored = stored_type(t.name, t.shape, asked[t.name])
+            if stored != asked[t.name] and (kind, t.shape[-1]) not in seen:
+                seen.add((kind, t.shape[-1]))
+                out.append({"tensor": kind, "width": t.shape[-1], "asked": asked[t.name],
+                            "block": block_size(asked[t.name]), "stored": stored})
+        return out
 
     def importance(self, model: ir.Model, ctx) -> tuple[dict, int]:
         """The importance matrix by GGUF tensor and the calibration sequences it came from."""
@@ -212,23 +250,10 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
         units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
-        rounding = self._rounding(model, importance[0])
-        local = request.sensitivity == "local" or (request.sensitivity == "auto"
-                                                   and streams(model))
-        if local:
-            sens, info, check = sensitivity.local_losses(
-                model, calib, units, list(CANDIDATES), rounding, LOCAL_PROBE, ctx.device,
-                ctx.progress)
-        else:
-            sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
-                                       ctx.device, ctx.progress)
+        sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
+                                                            request, ctx)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
         if local:
-            def measure(mix: dict[str, str]) -> float:
-                chosen = {p: mix[g] for g, paths in units.items() for p in paths}
-                with rounding(None, chosen) as value:
-                    return check(set(chosen), value)
-
             group_types, total, predicted, measured, tried = allocate.choose_measured(
                 sens, size, unquantized, request.budget - fixed,
                 lambda g: g.endswith("_exps"), measure)
@@ -245,6 +270,123 @@ class GGUFTarget(Target):
             line += (f", measured {measured:.4f} end to end (layer-local sensitivity on "
                      f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
         return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
+
+    def _auto_structured(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx,
+                         variants: VariantSource):
+        """--allow-prune: types, expert count and expert width (one each for the model, as
+        llama.cpp holds them) by measured loss per byte. Type sensitivities are measured once
+        on the model; each structure's own loss is measured on the variant the job builds, only
+        for structures that fit and could beat the best found (allocate.choose_structured).
+        Sizes of a structure are predicted from shapes, so nothing is built to be refused."""
+        fixed = memory.context_bytes(model, n_ctx)
+        groups = self.groups(model)
+        planned = self.planned(model)
+        full = _full_structure(model)
+        structures = self.structures(model, full, request.budget - fixed)
+
+        def size_of(st: Structure):
+            return lambda g, name: sum(tensor_bytes(stored_type(t.name, shape, name), shape)
+                                       for t in groups[g]
+                                       for shape in [_restructured(t.name, t.shape, st)])
+
+        def fixed_of(st: Structure) -> int:
+            return sum(tensor_bytes("f32", _restructured(t.name, t.shape, st)) for t in planned
+                       if keeps_f32(t.name, t.shape))
+
+        lowest = {st: fixed_of(st) + sum(min(size_of(st)(g, n) for n in CANDIDATES)
+                                         for g in groups) for st in structures}
+        smallest = min(structures, key=lambda st: lowest[st])
+        if lowest[smallest] + fixed > request.budget:
+            raise BudgetUnreachable(
+                f"--budget {request.budget_text} is below the smallest reachable size "
+                f"{format_size(lowest[smallest] + fixed)} even with "
+                f"{smallest.describe(full)} (weights at the smallest types "
+                f"{format_size(lowest[smallest])} + KV cache, buffers and runtime for --ctx "
+                f"{n_ctx} {format_size(fixed)})", None)
+        calib = ctx.calibration(model, "--quant auto")
+        importance = self.importance(model, ctx)
+        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        sens, local, info, _ = self._type_sensitivity(model, calib, units, importance, request,
+                                                      ctx)
+        built: dict[Structure, object] = {}
+
+        def loss_of(st: Structure) -> float:
+            built[st] = variants(st.experts, st.width)
+            return built[st].loss
+
+        choice = allocate.choose_structured(structures, full, sens, size_of, fixed_of,
+                                            request.budget - fixed, loss_of)
+        if choice.structure != full:
+            model = built[choice.structure].model
+            importance = self.importance(model, ctx)  # the writer needs the variant's shapes
+        chosen = self.groups(model)
+        by_tensor = {t.name: choice.group_types[g] for g, ts in chosen.items() for t in ts}
+        type_loss = choice.predicted - choice.structure_loss
+        lines = [f"--allow-prune: {choice.structure.describe(full)} (measured KL "
+                 f"{choice.structure_loss:.4f}) + types (predicted KL {type_loss:.4f}); "
+                 f"{sum(1 for o in choice.options if o.get('measured'))} of "
+                 f"{len(structures)} structures measured"]
+        for o in choice.options:
+            what = Structure(o["experts"], o["width"]).describe(full)
+            if not o["fits"]:
+                lines.append(f"  {what}: does not fit")
+            elif o.get("measured"):
+                lines.append(f"  {what}: KL {o['structure_loss']:.4f} + types "
+                             f"{o['type_loss']:.4f} = {o['predicted']:.4f}")
+            else:
+                lines.append(f"  {what}: at least {o['bound']:.4f}, not measured")
+        lines += [f"quant auto: {len(choice.group_types)} groups, weights "
+                  f"{format_size(choice.total)}, predicted KL {choice.predicted:.4f}"
+                  + (f" (layer-local sensitivity on {info['tokens']} tokens)" if local else "")]
+        lines += type_table(choice.group_types, _group_kind)
+        quant = {"method": "auto", "calib": calib.spec, "predicted_kl": choice.predicted,
+                 "groups": choice.group_types, "sensitivity": sens,
+                 **({"sensitivity_method": info} if local else {}),
+                 "structure": {"experts": choice.structure.experts,
+                               "width": choice.structure.width,
+                               "experts_before": full.experts, "width_before": full.width,
+                               "measured_kl": choice.structure_loss,
+                               "options": choice.options}}
+        return model, by_tensor, importance, quant, lines
+
+    def structures(self, model: ir.Model, full: Structure, weight_budget: int) -> list[Structure]:
+        """The structures --allow-prune weighs: 3/4 and 1/2 of the experts and of their width
+        (rounded to whole quantization blocks), and the most experts that fit at the smallest
+        types where even half do not."""
+        counts = {full.experts, max(1, round(0.75 * full.experts)), max(1, full.experts // 2)}
+        groups = self.groups(model)
+        smallest = {g: min(self.group_bytes(ts, n) for n in CANDIDATES) for g, ts in groups.items()}
+        unquantized = sum(t.nbytes for t in self.planned(model) if keeps_f32(t.name, t.shape))
+        fit = self._experts_that_fit(model, smallest, unquantized, weight_budget)
+        if fit is not None and fit < min(counts):
+            counts.add(fit)
+        widths = {full.width, block_friendly(0.75, full.width), block_friendly(0.5, full.width)}
+        return [Structure(n, w) for n in sorted(counts, reverse=True)
+                for w in sorted(widths, reverse=True)]
+
+    def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
+                          importance, request: TypeRequest, ctx):
+        """(unit -> type -> predicted KL, whether it is layer-local, how it was measured,
+        measure(mix): a mix's KL end to end — None for the full sensitivity, which measures
+        each unit end to end already). Layer-local when asked, or (auto) when the model
+        streams."""
+        rounding = self._rounding(model, importance[0])
+        local = request.sensitivity == "local" or (request.sensitivity == "auto"
+                                                   and streams(model))
+        if not local:
+            sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
+                                       ctx.device, ctx.progress)
+            return sens, False, {"method": "full"}, None
+        sens, info, check = sensitivity.local_losses(
+            model, calib, units, list(CANDIDATES), rounding, LOCAL_PROBE, ctx.device,
+            ctx.progress)
+
+        def measure(mix: dict[str, str]) -> float:
+            chosen = {p: mix[g] for g, paths in units.items() for p in paths}
+            with rounding(None, chosen) as value:
+                return check(set(chosen), value)
+
+        return sens, True, info, measure
 
     def _rounding(self, model: ir.Model, importance: dict | None):
         """`rounding(name)`: a context giving value(path, tensor), the weight as a file of type
@@ -386,6 +528,23 @@ class GGUFTarget(Target):
                  f"{p.python_args['n_gpu_layers']}, n_ctx={p.python_args['n_ctx']}): "
                  f"{p.python_note}"]
         return lines, {"offload": p.to_dict()}
+
+
+def _full_structure(model: ir.Model) -> Structure:
+    """The model's own expert count and width (one each: what a GGUF holds)."""
+    moes = [b.ffn for b in model.blocks if isinstance(b.ffn, ir.MoE)]
+    return Structure(moes[0].n_experts, moes[0].experts[0].width)
+
+
+def _restructured(name: str, shape: tuple[int, ...], st: Structure) -> tuple[int, ...]:
+    """A GGUF tensor's shape with `st`'s experts per layer and width: stacked experts
+    (E, F, hidden) / down (E, hidden, F), and the router (E, hidden)."""
+    if name.endswith("_exps.weight"):
+        e, a, b = shape
+        return (st.experts, a, st.width) if "ffn_down" in name else (st.experts, st.width, b)
+    if name.endswith("ffn_gate_inp.weight"):
+        return (st.experts, shape[1])
+    return shape
 
 
 def _group_kind(group: str) -> str:

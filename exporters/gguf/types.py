@@ -61,6 +61,11 @@ def keeps_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) < 2 or "_norm" in gguf_name or "ffn_gate_inp" in gguf_name
 
 
+def block_size(name: str) -> int:
+    """Values per block of a type (32 for Q8_0, 256 for the k-quants, 1 for floats)."""
+    return gguf.GGML_QUANT_SIZES[ggml(name)][0]
+
+
 def stored_type(gguf_name: str, shape: tuple[int, ...], name: str) -> str:
     """The type the file holds for a tensor asked to be `name`: F32 where llama.cpp never
     quantizes, the fallback where a row does not fill the type's blocks."""

@@ -13,8 +13,9 @@ MoE layers have two lowerings (`moe=`):
   Equal → NonZero → Gather → SwiGLU → ScatterND(add) over the tokens routed to it;
 - "ort": ONNX Runtime's fused `com.microsoft.MoE` (float) / `QMoE` (int4/int8) kernels, gate and
   up rows interleaved for `swiglu_fusion=1` (the only form ORT's CPU kernels take). A layer the
-  fused op cannot compute exactly (a router map; experts of mixed precision) keeps the portable
-  lowering, and the result says which layers did.
+  fused op cannot compute exactly (a router map; experts of mixed precision; experts of
+  different widths, which its stacked weights cannot hold) keeps the portable lowering, and the
+  result says which layers did. Each layer may have its own expert width in either form.
 
 Weights are float32, or blocked int4/int8 (quant.py) per IR tensor as `Model.types` says — per
 expert where the portable lowering holds the experts — as `DequantizeLinear → MatMul`. Past
@@ -310,6 +311,8 @@ class _Lowering:
     def _fused_refusal(self, p: str, moe: ir.MoE) -> str | None:
         if moe.router_map is not None:
             return "router map"
+        if len({ex.width for ex in moe.experts}) > 1:
+            return "experts of different widths"  # the fused op stacks them: one per layer
         kinds = {self.quant.get(f"{p}.experts.{e}.{w}") for e in range(moe.n_experts)
                  for w in ("gate", "up", "down")}
         if len(kinds) > 1:

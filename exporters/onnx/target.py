@@ -59,6 +59,15 @@ def linear_weights(model: ir.Model) -> list[str]:
     return out
 
 
+def width_fallbacks(model: ir.Model) -> list[int]:
+    """Widths of a slimmed model's down projections that cannot be stored as blocks (their
+    rows do not fill them), so they stay float32."""
+    if not any(entry.get("pass") == "slim_experts" for entry in model.history):
+        return []
+    return sorted({t.shape[-1] for name, t in model.tensors()
+                   if name.endswith(".down") and not oq.quantizable(t.shape)})
+
+
 def unit_of(path: str) -> str:
     """blocks.3.attn.q -> blocks.3.attn; blocks.3.ffn.experts.5.down -> blocks.3.ffn.experts.5."""
     m = re.match(r"(blocks\.\d+\.(?:attn|ffn\.experts\.\d+|ffn\.shared|ffn))\.", path)
@@ -111,7 +120,8 @@ class ONNXTarget(Target):
         lower.check_exportable(model)
 
     # ------------------------------------------------------------------ types
-    def choose_types(self, model: ir.Model, request: TypeRequest, ctx) -> TypePlan:
+    def choose_types(self, model: ir.Model, request: TypeRequest, ctx,
+                     variants=None) -> TypePlan:
         """The types `request` asks for. `--budget` alone asks for the most faithful file that
         fits: float32 if it fits, else types chosen per expert by measured sensitivity."""
         self.check(model)
@@ -152,6 +162,11 @@ class ONNXTarget(Target):
         weights = lower.weight_bytes(typed)
         report: dict = {}
         lines: list[str] = []
+        stay = width_fallbacks(model) if chosen else []
+        if stay:
+            report["width_fallbacks"] = stay
+            lines.append(f"note: down projections of widths {stay} stay float32 (int4/int8 "
+                         f"blocks of {oq.BLOCK} need widths in multiples of {oq.BLOCK})")
         if request.budget is not None:
             n_ctx = resolve_ctx(model, request.ctx)
             kv = kv_cache_bytes(model, n_ctx)

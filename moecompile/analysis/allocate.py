@@ -1,11 +1,16 @@
-"""The cheapest weight types under a byte budget, from measured losses (`choose`).
+"""The cheapest weight types under a byte budget, from measured losses (`choose`), and the
+same with structural options besides types (`choose_structured`: fewer experts, narrower
+experts, for --allow-prune).
 
 Both targets use it: GGUF over its stacked tensor groups, ONNX over experts one by one. A unit
-has one option per candidate type; losses of units are assumed to add up (the usual
-first-order assumption; the job measures the chosen mix end to end where it can).
+has one option per candidate type; losses of units (and of a structure) are assumed to add up
+(the usual first-order assumption; the job measures the chosen mix end to end where it can).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from moecompile.errors import UserError
 
@@ -75,3 +80,80 @@ class BudgetError(UserError):
     def __init__(self, smallest_weights: int):
         super().__init__(f"weights cannot be smaller than {smallest_weights} bytes")
         self.smallest_weights = smallest_weights
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A structural option a budget may take besides types (--allow-prune): routed experts
+    per MoE layer and neurons per routed expert, one each for the whole model."""
+
+    experts: int
+    width: int
+
+    def describe(self, full: "Structure") -> str:
+        parts = []
+        if self.experts != full.experts:
+            parts.append(f"{self.experts} of {full.experts} experts")
+        if self.width != full.width:
+            parts.append(f"width {self.width} of {full.width}")
+        return ", ".join(parts) or "every expert at full width"
+
+
+@dataclass
+class StructuredChoice:
+    structure: Structure
+    group_types: dict[str, str]
+    total: int  # predicted weight bytes
+    predicted: float  # structure loss + summed type loss
+    structure_loss: float
+    options: list[dict]  # every structure considered: its fate and figures
+
+
+def choose_structured(structures: list[Structure], full: Structure,
+                      sens: dict[str, dict[str, float]],
+                      size_of: Callable[[Structure], Callable[[str, str], int]],
+                      fixed_of: Callable[[Structure], int], weight_budget: int,
+                      loss_of: Callable[[Structure], float]) -> StructuredChoice:
+    """The least predicted loss over structures and types under the budget.
+
+    A per-model structure (one expert count, one width: what a GGUF can hold) changes the
+    bytes of every expert group at once, and how many bytes it saves depends on the types
+    those groups take; so rather than one greedy step that would have to guess the types, each
+    of the few structures gets the greedy type allocation (`choose`) with its own sizes, and
+    predicted loss = the structure's measured loss (KL on the calibration data with that change
+    alone, `loss_of`) + its types' summed loss.
+
+    Measuring a structure costs a pruning or slimming pass, so structures are measured from
+    the least to the most drastic (most experts and width first), and one is skipped when it
+    cannot beat the best found: its bound is its types' loss plus the largest measured loss of
+    a structure it is at least as drastic as (fewer or as many experts, as narrow or narrower)
+    — the assumption that cutting more never costs less."""
+    options, feasible = [], []
+    for s in structures:
+        try:
+            group_types, total, type_loss = choose(sens, size_of(s), fixed_of(s), weight_budget)
+        except BudgetError as exc:
+            options.append({"experts": s.experts, "width": s.width, "fits": False,
+                            "smallest_bytes": exc.smallest_weights})
+            continue
+        feasible.append((s, group_types, total, type_loss))
+    if not feasible:
+        raise BudgetError(min(o["smallest_bytes"] for o in options))
+    feasible.sort(key=lambda f: (-f[0].experts, -f[0].width))
+    measured: dict[Structure, float] = {}
+    best: StructuredChoice | None = None
+    for s, group_types, total, type_loss in feasible:
+        entry = {"experts": s.experts, "width": s.width, "fits": True, "weights_bytes": total,
+                 "type_loss": type_loss}
+        options.append(entry)
+        floor = max([v for m, v in measured.items()
+                     if m.experts >= s.experts and m.width >= s.width], default=0.0)
+        if best is not None and floor + type_loss >= best.predicted:
+            entry.update(measured=False, bound=floor + type_loss)
+            continue
+        loss = 0.0 if s == full else loss_of(s)
+        measured[s] = loss
+        entry.update(measured=True, structure_loss=loss, predicted=loss + type_loss)
+        if best is None or loss + type_loss < best.predicted:
+            best = StructuredChoice(s, group_types, total, loss + type_loss, loss, options)
+    return best

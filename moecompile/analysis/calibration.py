@@ -58,9 +58,10 @@ def load_tokenizer(model: ir.Model):
     return AutoTokenizer.from_pretrained(str(model.tokenizer.path))
 
 
-def build_calib(model: ir.Model, spec: str, n: int = 32) -> CalibSet:
-    """`n` examples per task (or `n` lines/chunks of a file), tokenized for `model`."""
-    items = load_calibration(spec, n)
+def build_calib(model: ir.Model, spec: str, n: int = 32, skip: int = 0) -> CalibSet:
+    """`n` examples per task (or `n` lines/chunks of a file), tokenized for `model`; `skip`
+    leaves out the first ones (a held-out set of the same kind)."""
+    items = load_calibration(spec, n, skip)
     tok = load_tokenizer(model)
     bos = [model.tokenizer.bos_id] if model.tokenizer.add_bos and model.tokenizer.bos_id is not None else []
     rows: list[tuple[list[int], int]] = []  # ids, first scored target position

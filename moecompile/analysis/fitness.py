@@ -53,7 +53,6 @@ class FitnessEvaluator:
             for i in range(self.first):
                 h = self.ex.block_forward(i, h, self.mask, self.positions)
         self.h_first = h
-        self._stacks = {i: self.ex.experts_stacked(i) for i in self.layers}
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self.evaluations = 0
@@ -127,7 +126,7 @@ class FitnessEvaluator:
     def _planned_moe(self, i: int, moe: ir.MoE, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        gate, up, down = self._stacks[i]
+        gate, up, down = self.ex.experts_stacked(i)  # built once, on a candidate's first use
         if is_one_hot(plan.merge):
             rows = torch.tensor(plan.kept, device=self.device)
             gate, up, down = gate[rows], up[rows], down[rows]

@@ -18,7 +18,6 @@ import torch
 
 from moecompile import ir
 from moecompile.runtime.executor import InputHook, ReferenceExecutor
-from moecompile.runtime.resume import resume_for
 from moecompile.runtime.streaming import StreamingExecutor, streams
 
 from .calibration import CalibSet

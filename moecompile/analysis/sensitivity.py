@@ -39,7 +39,17 @@ class CalibKL:
 
     def __call__(self, numerics) -> float:
         with torch.no_grad():
-            logp = torch.log_softmax(self._logits(numerics), -1)
+            return self._kl(self._logits(numerics))
+
+    def of_model(self, other: ir.Model) -> float:
+        """KL(original || another model of the same vocabulary, e.g. one with fewer or
+        narrower experts), float weights."""
+        with torch.no_grad():
+            return self._kl(ReferenceExecutor(other, self.device).logits(self.calib.ids,
+                                                                         self.calib.mask))
+
+    def _kl(self, logits: torch.Tensor) -> float:
+        logp = torch.log_softmax(logits, -1)
         kl = (self.ref.exp() * (self.ref - logp)).sum(-1)[self.mask].mean()
         return max(0.0, float(kl))
 

@@ -127,11 +127,16 @@ class ReferenceExecutor:
                                                        else down).T)
 
     def experts_stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once."""
+        """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once (for
+        merging and comparing experts, which needs one width in the layer)."""
         key = ("stacked", i)
         hit = self._cache.get(key)
         if hit is None:
-            n = self.model.blocks[i].ffn.n_experts
+            moe = self.model.blocks[i].ffn
+            widths = sorted({ex.width for ex in moe.experts})
+            if len(widths) > 1:
+                raise ValueError(f"block {i}: experts of widths {widths} cannot be stacked")
+            n = moe.n_experts
             hit = tuple(torch.stack([self.w(f"blocks.{i}.ffn.experts.{e}.{name}")
                                      for e in range(n)])
                         for name in ("gate", "up", "down"))

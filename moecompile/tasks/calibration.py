@@ -27,7 +27,26 @@ DEFAULT = "default"
 DEFAULT_MIX = Path(__file__).resolve().parents[1] / "data" / "calibration_mix.txt"
 
 
-def load_calibration(spec: str, n: int = 64) -> list[Example] | list[str]:
+def load_calibration(spec: str, n: int = 64, skip: int = 0) -> list[Example] | list[str]:
+    """`n` items of the spec (per task for task names) after the first `skip`: `skip=n` gives a
+    held-out set of the same kind as the first `n` (what --allow-prune measures structures on,
+    so a refit or a search is not judged on the data it was fitted to)."""
+    items = _load(spec, n + skip)
+    if not skip:
+        return items
+    if items and isinstance(items[0], Example):
+        by_task: dict[str, list] = {}
+        for ex in items:
+            by_task.setdefault(ex.task, []).append(ex)
+        items = [ex for exs in by_task.values() for ex in exs[skip:]]
+    else:
+        items = items[skip:]
+    if not items:
+        raise UserError(f"calibration '{spec}' has nothing beyond its first {skip} items")
+    return items
+
+
+def _load(spec: str, n: int) -> list[Example] | list[str]:
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("empty calibration spec; give task names (e.g. 'add,sort' or 'all'), "
                         "a .jsonl file or a .txt file")

@@ -224,7 +224,11 @@ def test_quant_auto_is_at_least_as_good_as_the_uniform_type_of_its_size(tmp_path
     assert pair["low"] > -ACCURACY_MARGIN, pair
 
 
-def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys):
+def test_allow_prune_trades_experts_width_and_types_to_meet_the_budget(tiny_model, tmp_path,
+                                                                        capsys):
+    """A budget types alone cannot meet: refused with the expert count that would fit; with
+    --allow-prune the budget takes fewer or narrower experts (whichever measured cheaper),
+    recorded in the report, and the file fits and verifies."""
     from moecompile.exporters.target import TypeRequest
     from moecompile.passes.base import PassContext
 
@@ -239,12 +243,48 @@ def test_allow_prune_prunes_until_the_budget_is_met(tiny_model, tmp_path, capsys
     assert main(argv) == 2
     assert "would fit (or add --allow-prune)" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    argv.remove("--no-verify")
     assert main(argv + ["--allow-prune", "--search-budget", "20"]) == 0
     report = json.loads((tmp_path / "p.report.json").read_text())
-    assert report["passes"][0]["pass"] == "prune_experts" and report["passes"][0]["experts"] < 8
-    assert report["passes"][1]["pass"] == "weight_types"
-    assert report["memory"]["total_bytes"] <= budget
+    structure = report["quant"]["structure"]
+    assert (structure["experts"], structure["width"]) != (8, 256)
+    chosen = [p["pass"] for p in report["passes"]]
+    assert chosen[-1] == "weight_types" and chosen[:-1] in (
+        ["prune_experts"], ["slim_experts"], ["prune_experts", "slim_experts"])
+    assert report["memory"]["total_bytes"] <= budget and report["verification"]["passed"]
+    options = structure["options"]
+    assert not any(o["fits"] for o in options if (o["experts"], o["width"]) == (8, 256))
+    measured = [o for o in options if o.get("measured")]
+    best = min(measured, key=lambda o: o["predicted"])
+    assert (best["experts"], best["width"]) == (structure["experts"], structure["width"])
 
+
+
+def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_model, tmp_path,
+                                                                       monkeypatch):
+    """A model that streams: the types' sensitivity is layer-local, the pruned and slimmed
+    variants are built by the streaming passes and their KL measured layer-major; the choice
+    fits and verifies."""
+    from moecompile.exporters.target import TypeRequest
+    from moecompile.passes.base import PassContext
+    from moecompile.runtime import streaming
+
+    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
+    model = frontend.load(folder)
+    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
+                                         PassContext()).weight_bytes
+    budget = context_bytes(model, 128) + int(0.7 * smallest)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    out = tmp_path / "p.gguf"
+    assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget", str(budget),
+                 "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
+                 "--allow-prune", "--prune-method", "frequency"]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    quant = report["quant"]
+    assert quant["sensitivity_method"]["method"] == "layer-local"
+    assert (quant["structure"]["experts"], quant["structure"]["width"]) != (8, 256)
+    assert all(p.get("executor") == "streaming" for p in report["passes"][:-1])
+    assert report["memory"]["total_bytes"] <= budget and report["verification"]["passed"]
 
 @needs_bundled
 @pytest.mark.parametrize("target,budget", [("gguf", "27MB"), ("onnx", "9MB")])
