@@ -22,7 +22,7 @@ from . import __version__, frontend, ir
 from .analysis.calibration import CalibSet, build_calib
 from .analysis.eep import EEPConfig
 from .analysis.sensitivity import CalibKL, StreamingKL, streaming_kl
-from .distributed.engine import open_engine
+from .distributed.connect import open_engine
 from .errors import UserError
 from .exporters import target_for
 from .exporters.target import (Committed, TypePlan, TypeRequest, Variant, VariantSource,

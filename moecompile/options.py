@@ -123,7 +123,7 @@ class Options:
                 raise UserError("--ray only applies to work on calibration data: --experts, "
                                 "--expert-width, --top-k, --drop-blocks, --drop-moe-layers, "
                                 "--budget, --quant auto, or --quant/--quant-map with --calib")
-            from .distributed.engine import check
+            from .distributed.connect import check
 
             check(self.ray)  # the address's form, and Ray installed
         for flag, value in (("--budget", self.budget), ("--gpu-mem", self.gpu_mem),

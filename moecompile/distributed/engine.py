@@ -15,10 +15,7 @@ process or on Ray workers, so both are the same operation (shared/research/scale
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Sequence
-
-from .address import parse_address, probe, require_ray
+from typing import Callable, Sequence
 
 
 class Engine:
@@ -91,36 +88,3 @@ class LocalCandidates:
     @property
     def cache_hits(self) -> int:
         return self.evaluator.cache_hits
-
-
-def check(address: str | None) -> None:
-    """Refuse a malformed --ray, or --ray without Ray installed (before any model is read)."""
-    if address is None:
-        return
-    parse_address(address)
-    require_ray()
-
-
-@contextlib.contextmanager
-def open_engine(address: str | None, device: str | None = None,
-                say: Callable[[str], None] = lambda line: None) -> Iterator[Engine]:
-    """The engine for `--ray ADDRESS` (None: this process) on `device` (None: a GPU where
-    there is one), closed on the way out, also on Ctrl-C: a cluster it started is shut down
-    and its files removed."""
-    if address is None:
-        from moecompile.runtime.executor import default_device
-
-        engine = Engine(device or default_device())
-    else:
-        parsed = parse_address(address)
-        require_ray()
-        probe(parsed)
-        from .ray_engine import RayEngine
-
-        engine = RayEngine(parsed, device)
-        say(engine.describe())
-    try:
-        yield engine
-    finally:
-        engine.close()
-
