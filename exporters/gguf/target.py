@@ -253,22 +253,14 @@ class GGUFTarget(Target):
         sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
                                                             request, ctx)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
-        if local:
-            group_types, total, predicted, measured, tried = allocate.choose_measured(
-                sens, size, unquantized, request.budget - fixed,
-                lambda g: g.endswith("_exps"), measure)
-        else:
-            group_types, total, predicted = allocate.choose(sens, size, unquantized,
-                                                            request.budget - fixed)
+        group_types, total, predicted, extra, tail = allocate.choose_reported(
+            sens, size, unquantized, request.budget - fixed,
+            (lambda g: g.endswith("_exps"), measure, info) if local else None)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
-                 "groups": group_types, "sensitivity": sens}
+                 "groups": group_types, "sensitivity": sens, **extra}
         line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
-                f"predicted KL {predicted:.4f}")
-        if local:
-            quant.update(measured_kl=measured, mixes_measured=tried, sensitivity_method=info)
-            line += (f", measured {measured:.4f} end to end (layer-local sensitivity on "
-                     f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
+                f"predicted KL {predicted:.4f}{tail}")
         return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
 
     def _auto_structured(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx,

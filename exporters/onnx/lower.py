@@ -84,11 +84,6 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-def kv_cache_bytes(model: ir.Model, context: int) -> int:
-    """The float32 keys and values a generation loop holds for `context` tokens."""
-    return sum(4 * 2 * context * b.attn.n_kv_heads * b.attn.head_dim for b in model.blocks)
-
-
 def export(model: ir.Model, path: Path, moe: str = "portable", progress: bool = True,
            external_at: int = EXTERNAL_AT) -> OnnxExport:
     """Write `path` (and `path`.data past `external_at` bytes), each linear weight in its IR

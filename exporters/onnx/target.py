@@ -226,26 +226,18 @@ class ONNXTarget(Target):
         def typed(unit_types: dict[str, str]) -> dict[str, str]:
             return {p: kind for u, kind in unit_types.items() if kind != "f32" for p in units[u]}
 
-        if local:
-            def measure(unit_types: dict[str, str]) -> float:
-                with rounded(None, typed(unit_types)) as value:
-                    return check(set(typed(unit_types)), value)
+        def measure(unit_types: dict[str, str]) -> float:
+            with rounded(None, typed(unit_types)) as value:
+                return check(set(typed(unit_types)), value)
 
-            unit_types, total, predicted, measured_kl, tried = allocate.choose_measured(
-                sens, unit_bytes, fixed, request.budget - kv, lambda u: ".experts." in u,
-                measure)
-        else:
-            unit_types, total, predicted = allocate.choose(sens, unit_bytes, fixed,
-                                                           request.budget - kv)
+        unit_types, total, predicted, extra, tail = allocate.choose_reported(
+            sens, unit_bytes, fixed, request.budget - kv,
+            (lambda u: ".experts." in u, measure, info) if local else None)
         chosen = typed(unit_types)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
-                 "units": unit_types, "sensitivity": sens}
+                 "units": unit_types, "sensitivity": sens, **extra}
         line = (f"quant auto: {len(unit_types)} units, weights {format_size(total)}, predicted "
-                f"KL {predicted:.4f}")
-        if local:
-            quant.update(measured_kl=measured_kl, mixes_measured=tried, sensitivity_method=info)
-            line += (f", measured {measured_kl:.4f} end to end (layer-local sensitivity on "
-                     f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
+                f"KL {predicted:.4f}{tail}")
         return chosen, quant, [line] + type_table(unit_types, _unit_kind)
 
     # ------------------------------------------------------------------ commit

@@ -74,6 +74,23 @@ def choose_measured(sens: dict[str, dict[str, float]], size, fixed: int, weight_
     return types, total, sum(sens[g][types[g]] for g in sens), measured[best], measured
 
 
+def choose_reported(sens: dict[str, dict[str, float]], size, fixed: int, weight_budget: int,
+                    local=None):
+    """What both targets' `--quant auto` does with a sensitivity: `choose`, or, for a
+    layer-local one (`local` = (is_expert, measure, info) as `choose_measured` takes them, and
+    the sensitivity's own description), `choose_measured`. Returns (group -> type, total bytes,
+    predicted loss, the report's extra fields, the summary line's tail)."""
+    if local is None:
+        return (*choose(sens, size, fixed, weight_budget), {}, "")
+    is_expert, measure, info = local
+    types, total, predicted, measured, tried = choose_measured(sens, size, fixed, weight_budget,
+                                                               is_expert, measure)
+    return (types, total, predicted,
+            {"measured_kl": measured, "mixes_measured": tried, "sensitivity_method": info},
+            f", measured {measured:.4f} end to end (layer-local sensitivity on "
+            f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
+
+
 class BudgetError(UserError):
     """Even the smallest types exceed the weight budget; `smallest_weights` is their size."""
 

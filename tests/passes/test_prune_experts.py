@@ -29,18 +29,6 @@ def prune_experts(model, n, method, calib, calib_n=32, config=None, progress=Fal
     return apply(PruneExperts(n, method, config), model, calib, calib_n, progress=progress)
 
 
-@pytest.fixture(scope="module")
-def calib_of():
-    cache = {}
-
-    def get(model, spec="add,sort", n=6):
-        key = (model.source, spec, n)
-        if key not in cache:
-            cache[key] = build_calib(model, spec, n)
-        return cache[key]
-    return get
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pruned_export_verifies_for_every_arch(tiny_model, tmp_path, calib_of, arch):
     model = frontend.load(tiny_model(arch))

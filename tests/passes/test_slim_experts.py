@@ -31,18 +31,6 @@ needs_bundled = pytest.mark.skipif(not (BUNDLED / "config.json").exists(),
                                    reason="bundled model missing")
 
 
-@pytest.fixture(scope="module")
-def calib_of():
-    cache = {}
-
-    def get(model, spec="add,sort", n=6):
-        key = (model.source, spec, n)
-        if key not in cache:
-            cache[key] = build_calib(model, spec, n)
-        return cache[key]
-    return get
-
-
 def kept_rows(original: torch.Tensor, slim: torch.Tensor) -> list[int]:
     """Which rows of `original` the slim tensor holds, found by value (not by the recipe)."""
     distance = torch.cdist(slim.float(), original.float())
