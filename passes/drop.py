@@ -100,9 +100,11 @@ class _Drop(Pass):
         sims = block_sim if self.kind == "blocks" else layer_sim
         chosen = sorted(sorted(candidates, key=lambda i: (-sims[i], i))[:self.m])
         trimmed = self.apply(model, chosen)
+        # the trimmed model's history is the original's until this pass returns: the key
+        # names what was dropped, or another drop's state would be resumed
         _, after = stream(ctx.engine, trimmed, calib, None,
                           StreamingFitness(calib, before if calib.kind == "text" else None),
-                          what=("fitness",))
+                          what=("fitness", self.name, tuple(chosen)))
         report.update({
             "calib": calib.spec,
             "dropped": chosen,

@@ -136,7 +136,10 @@ class PruneExperts(Pass):
         pruned = apply_plans(model, plans, router_mode=self.router_mode)
         _, after = stream(ctx.engine, pruned, calib, None,
                           StreamingFitness(calib, original if calib.kind == "text" else None),
-                          what=("fitness",),
+                          # the key names the pruning: the pruned model's history is the
+                          # original's until this pass returns
+                          what=("fitness", self.name, self.method, self.n_keep,
+                                self.router_mode, ctx.seed),
                           progress="pruned model's fitness" if ctx.progress else None)
         layers = moe_layers(model)
         report = {"pass": self.name, "method": self.method, "experts": self.n_keep,

@@ -114,9 +114,11 @@ class ReduceTopK(Pass):
                             "not run at this size yet; use --topk-method plain")
         _, before = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
                            what=("fitness",))
+        # the reduced model's history is the original's until this pass returns: the key
+        # names the change, or the two passes would resume each other's states
         _, after = stream(ctx.engine, plain, calib, None,
                           StreamingFitness(calib, before if calib.kind == "text" else None),
-                          what=("fitness",))
+                          what=("fitness", self.name, self.k))
         report.update({"fitness_before": round(before.value(), 6),
                        "fitness_plain": round(after.value(), 6),
                        "fitness": round(after.value(), 6), "executor": "streaming",

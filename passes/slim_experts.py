@@ -182,7 +182,11 @@ class SlimExperts(Pass):
         if calib is not None and layer_major:
             _, after = stream(ctx.engine, slim, calib, None,
                               StreamingFitness(calib, original if calib.kind == "text" else None),
-                              what=("fitness",),
+                              # the key names the neurons kept and the refit: the slimmed
+                              # model's history is the original's until this pass returns
+                              what=("fitness", self.name, self.refit,
+                                    tuple((p, tuple(e["kept"]))
+                                          for p, e in sorted(entries.items()))),
                               progress="slimmed model's fitness" if ctx.progress else None)
             report.update(calib=calib.spec, executor="streaming",
                           fitness_before=round(original.value(), 6),
