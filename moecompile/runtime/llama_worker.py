@@ -7,6 +7,12 @@ and reads OUT.npy. IDS.json holds a list of sequences, each evaluated from an em
 
 The KV cache is F32 (type_k = type_v = 0): with the default F16 cache llama.cpp differs from an
 f32 reference by ~1e-2, which would hide real errors of that size.
+
+Weights stay in llama.cpp's plain CPU buffers (`use_extra_bufts` off): the extra buffer types
+(weight repacking, and on Intel CPUs with AMX the AMX kernels) compute with kernels of their own
+that the reference does not mirror, and on a CPU that reports AMX where the kernel has not
+granted it (measured in this project's sandbox: Xeon with amx_int8) the AMX path kills the
+process (SIGSEGV/SIGILL) on the first Q8_0 or k-quant matmul.
 """
 
 from __future__ import annotations
@@ -28,14 +34,33 @@ def open_llama(model_path: str, n_ctx: int, n_gpu_layers: int = 0, threads: int 
     None: one for a small file, llama.cpp's default otherwise — on shared cores a small model's
     threads mostly wait for each other (measured: 0.2 s instead of 2.6-10 s per evaluation,
     the same logits bit for bit)."""
-    from llama_cpp import Llama
-
     if threads is None and os.path.getsize(model_path) < SMALL_FILE:
         threads = 1
     extra = {} if threads is None else {"n_threads": threads, "n_threads_batch": threads}
-    return Llama(model_path=model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                 logits_all=True, verbose=False, type_k=0, type_v=0,
-                 n_gpu_layers=n_gpu_layers, seed=0, **extra)
+    return plain_llama(model_path=model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                       logits_all=True, verbose=False, type_k=0, type_v=0,
+                       n_gpu_layers=n_gpu_layers, seed=0, **extra)
+
+
+def plain_llama(**kwargs):
+    """llama_cpp.Llama(**kwargs) with the weights in plain CPU buffers (no repacking, no AMX;
+    see the module's docstring). Llama() takes no such argument, so its default model
+    parameters are swapped for the duration of the call."""
+    import llama_cpp
+    from llama_cpp import llama as high_level
+
+    default = high_level.llama_cpp.llama_model_default_params
+
+    def plain():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    high_level.llama_cpp.llama_model_default_params = plain
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        high_level.llama_cpp.llama_model_default_params = default
 
 
 def sequence_logits(llm, ids: list[int]) -> np.ndarray:

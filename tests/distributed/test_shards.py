@@ -3,6 +3,8 @@ fitness states merged, equals one pass over everything — exactly with one shar
 computation), to float tolerance with two and three (other batch shapes, other summation
 order), and counts exactly always."""
 
+import os
+
 import pytest
 import torch
 
@@ -31,7 +33,19 @@ def observers(model):
 
 
 def single(model, calib, text_calib):
-    """The unsharded pass, in this process, as the code without an engine ran it."""
+    """The unsharded pass, in this process, as the code without an engine ran it — on as many
+    threads as each worker of `local:2` has (one per core), since torch's kernels may sum in
+    another order on another thread count (measured on an AVX-512 Xeon: a different last bit
+    in block 1's inputs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        return _single(model, calib, text_calib)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single(model, calib, text_calib):
     obs, fit = observers(model), StreamingFitness(calib)
     ex = StreamingExecutor(model, "cpu", observer=obs)
     ex.run(calib.ids, calib.mask, fit.consume)

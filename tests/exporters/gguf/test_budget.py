@@ -45,8 +45,8 @@ def test_malformed_sizes_exit_2(tiny_model, tmp_path, capsys, text):
 
 _PROBE = """
 import sys
-from llama_cpp import Llama
-Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=1, verbose=True)
+from moecompile.runtime.llama_worker import plain_llama
+plain_llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=1, verbose=True)
 """
 
 
@@ -70,9 +70,10 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-from llama_cpp import Llama
+import llama_cpp
+from moecompile.runtime.llama_worker import plain_llama
 before = rss()
-llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]))
+llm = plain_llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]))
 rng = random.Random(0)
 llm.eval([rng.randrange(1, llm.n_vocab()) for _ in range(int(sys.argv[2]) - 1)])
 print(rss() - before)
@@ -81,13 +82,12 @@ print(rss() - before)
 
 def _resident_growth(gguf, ctx: int) -> int:
     """What loading `gguf` with llama-cpp-python's defaults (memory-mapped weights, verbose log)
-    and decoding a full context of random tokens adds to a fresh process's VmRSS, measured from
-    just after `import llama_cpp` (so the libraries' own pages are the baseline)."""
+    but plain CPU weight buffers, and decoding a full context of random tokens adds to a fresh
+    process's VmRSS, measured from just after `import llama_cpp` (so the libraries' own pages
+    are the baseline). Plain buffers: a repacked (or AMX) copy would sit beside the mapped file
+    pages, which stay resident though reclaimable, and depends on the CPU."""
     proc = subprocess.run([sys.executable, "-c", _RESIDENT, str(gguf), str(ctx)],
                           capture_output=True, text=True, check=True)
-    if "CPU_REPACK model buffer size" in proc.stderr:
-        pytest.skip("llama.cpp repacked these weights on this CPU: with mmap their file pages "
-                    "stay resident beside the copy (reclaimable, not predicted)")
     return int(proc.stdout.split()[-1])
 
 
@@ -117,8 +117,8 @@ def bundled_f32(tmp_path_factory):
                                        ("olmoe_shaped", 2048)])
 def test_predicted_memory_is_within_10_percent_of_resident(request, which, ctx):
     """The whole prediction (weights + KV cache + compute and work buffers + runtime) against a
-    real process. F32 and Q8_0 are types llama.cpp does not repack on x86-64 (AVX2), so the
-    mapped weights are resident once. Of the prediction, 3 MiB is a measured constant (code
+    real process, its weights in plain CPU buffers (no repacked copy), so the mapped weights are
+    resident once. Of the prediction, 3 MiB is a measured constant (code
     pages and small allocations; docs/memory_model.md): about 6.5% here for the bundled model,
     2-4% for the OLMoE-shaped one; everything else follows llama.cpp's allocations."""
     folder, gguf = request.getfixturevalue(which)
@@ -301,3 +301,31 @@ def test_layer_local_sensitivity_predicts_what_it_measures(tmp_path, target, bud
     assert quant["sensitivity_method"]["method"] == "layer-local"
     assert 1 / 3 < quant["measured_kl"] / quant["predicted_kl"] < 3.0, quant
     assert report["memory"]["total_bytes"] <= parse_size(budget)
+
+
+def test_allow_prune_slims_with_the_width_method_and_refit_asked_for(tiny_model, tmp_path):
+    """--width-method/--width-refit apply to --allow-prune's width variants: a variant is
+    slimmed by the importance and refit the user named, recorded in its history, and its
+    loss is measured; without --allow-prune (or --expert-width) the flags are refused."""
+    from moecompile.analysis.calibration import build_calib
+    from moecompile.job import PassVariants
+    from moecompile.options import Options
+    from moecompile.passes.base import PassContext
+
+    folder = tiny_model("mixtral")
+    model = frontend.load(folder)
+    said = []
+    options = Options(str(folder), output=str(tmp_path / "m.gguf"), budget="1GB",
+                      allow_prune=True, width_method="weight", width_refit="none",
+                      calib="add,rev", calib_n=3)
+    options.validate()
+    ctx = PassContext(calib=build_calib(model, "add,rev", 3))
+    full = model.blocks[0].ffn.experts[0].width
+    variant = PassVariants(model, ctx, options, "onehot", said.append)(
+        model.blocks[0].ffn.n_experts, full // 2)
+    slim = [h for h in variant.model.history if h["pass"] == "slim_experts"]
+    assert [(h["method"], h["refit"]) for h in slim] == [("weight", "none")]
+    assert variant.loss > 0 and any("(weight, refit none)" in line for line in said)
+    with pytest.raises(UserError, match="--width-method/--width-refit apply to"):
+        Options(str(folder), output=str(tmp_path / "m.gguf"),
+                width_method="weight").validate()
