@@ -27,6 +27,7 @@ from moecompile import ir
 from . import ggml
 from .reader import tensor_table
 from .types import Q, roundtrip
+from .writer import is_stacked
 
 SAMPLED_ROWS = 64  # rows of each tensor (of each expert) compared
 SLACK = 2.0  # a file may be this many times as far from the checkpoint as its type's rounding
@@ -79,7 +80,7 @@ def tensor_mismatches(path: Path, planned: list) -> list[str]:
                 out.append((float("inf"), f"{p.name}: missing from the file"))
                 continue
             offset, nbytes, qtype, shape = table[p.name]
-            part_shape = shape[1:] if len(p.paths) > 1 else shape
+            part_shape = p.part_shape
             if tuple(shape) != tuple(p.shape):
                 out.append((float("inf"), f"{p.name}: shape {shape}, the checkpoint's {p.shape}"))
                 continue
@@ -88,7 +89,7 @@ def tensor_mismatches(path: Path, planned: list) -> list[str]:
                 err, own = _part_error(f, offset + index * part_bytes, part_bytes, qtype,
                                        part_shape, part, p.transform)
                 if err > SLACK * own + FLOOR:
-                    where = p.name if len(p.paths) == 1 else f"{p.name} (expert {index})"
+                    where = f"{p.name} (expert {index})" if is_stacked(p.name) else p.name
                     out.append((err, f"{where}: relative error {err:.3g} to the checkpoint's "
                                      f"{ir_path}, its {qtype.name} rounding alone gives "
                                      f"{own:.3g}"))

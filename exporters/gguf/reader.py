@@ -52,7 +52,7 @@ class FileNumerics:
             offset, nbytes, qtype, shape = table[p.name]
             if qtype == Q.F32:
                 continue
-            part_shape = shape[1:] if len(p.paths) > 1 else shape
+            part_shape = p.part_shape
             part_bytes = nbytes // len(p.paths)
             for index, ir_path in enumerate(p.paths):
                 self.types[ir_path] = qtype

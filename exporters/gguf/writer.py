@@ -38,10 +38,16 @@ class PlannedTensor:
     name: str
     qtype: Q
     shape: tuple[int, ...]
-    parts: tuple[ir.Tensor, ...]  # stacked along a new leading axis when more than one
+    parts: tuple[ir.Tensor, ...]  # a layer's experts are stacked along a new leading axis
     paths: tuple[str, ...]  # the IR paths of the parts
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     importance: np.ndarray | None = None  # per input column, the parts' vectors concatenated
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        """The shape of one part: a stacked tensor's leading axis counts its experts, one
+        expert included (a model pruned to one expert per layer)."""
+        return tuple(self.shape[1:]) if is_stacked(self.name) else tuple(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +104,11 @@ def _permute_rows(n_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return permute
 
 
+def is_stacked(name: str) -> bool:
+    """Whether a GGUF tensor holds a layer's experts stacked along a new leading axis."""
+    return name.endswith("_exps.weight")
+
+
 def layout(model: ir.Model, arch: str) -> list[tuple[str, tuple[str, ...], Callable | None]]:
     """Every GGUF tensor in writing order: (GGUF name, the IR paths it holds — a layer's experts
     stacked along a new leading axis —, the row transform applied on writing)."""
@@ -141,7 +152,7 @@ def plan(model: ir.Model, arch: str, f32: bool = False) -> list[PlannedTensor]:
     out = []
     for name, paths, transform in layout(model, arch):
         parts = tuple(tensors[p] for p in paths)
-        stacked = name.endswith("_exps.weight")
+        stacked = is_stacked(name)
         shape = (len(parts), *parts[0].shape) if stacked else tuple(parts[0].shape)
         kinds = {"f32" if f32 else model.types[p] for p in paths}
         if len(kinds) > 1:

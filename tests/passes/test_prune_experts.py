@@ -244,3 +244,19 @@ def test_reap_keeps_the_experts_that_contribute_most(tiny_model, calib_of):
         saliency = io[layer].reap
         assert sorted(plan.kept) == sorted(saliency.argsort(descending=True)[:3].tolist())
         assert (saliency >= 0).all() and saliency.max() > 0
+
+
+@pytest.mark.parametrize("family,target,dtype", [("mixtral", "gguf", "q8_0"),
+                                                  ("qwen3_moe", "gguf", "q8_0"),
+                                                  ("mixtral", "onnx", "f32")])
+def test_one_expert_per_layer_exports_and_verifies(tiny_model, tmp_path, family, target, dtype):
+    """Pruned to one expert, a GGUF stacks a single expert: its leading axis still counts
+    experts (the reference once read it as the expert itself and crashed, exit 3)."""
+    out = tmp_path / f"one.{target}"
+    rc = main([str(tiny_model(family)), "-o", str(out), "--quiet", "--target", target,
+               "--dtype", dtype, "--experts", "1", "--prune-method", "frequency",
+               "--calib", "add", "--calib-n", "4"])
+    assert rc == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["verification"]["passed"]
+    assert all(len(layer) == 1 for layer in report["passes"][0]["layers"])
