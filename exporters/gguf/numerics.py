@@ -48,6 +48,39 @@ def round_q8_0(x: np.ndarray) -> np.ndarray:
     return (np.rint(blocks * ident) * d).astype(np.float32).reshape(shape)
 
 
+# Q4_1/Q5_1 blocks (d, m, codes) in bytes; their kernels take Q8_1 input, whose block sum
+# s = fp16(d * sum(q)) multiplies the weight block's minimum m
+MIN_BLOCK_BYTES = {Q.Q4_1: 20, Q.Q5_1: 24}
+
+
+def block_mins(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The minimum m of every block of a Q4_1/Q5_1 matrix's bytes, (rows, columns/32) float16;
+    None for other types."""
+    size = MIN_BLOCK_BYTES.get(qtype)
+    if size is None:
+        return None
+    blocks = np.ascontiguousarray(data).reshape(-1, size)
+    return blocks[:, 2:4].copy().view(np.float16).reshape(shape[0], shape[-1] // 32)
+
+
+def q8_1_sum_excess(x: np.ndarray) -> np.ndarray:
+    """Per block of 32 inputs, what ggml's Q8_1 block sum carries beyond the sum of the block's
+    rounded values: x86 quantize_row_q8_1 stores s = fp16(d * sum(q)) with d = amax/127 unrounded,
+    while the values are q * fp16(d). A Q4_1/Q5_1 dot product adds m * s per block, so llama.cpp
+    computes the reference's (rounded input) @ (dequantized weight) plus this excess @ the
+    blocks' minima (measured before it was mirrored: the median token 2e-3 off where the null
+    is 1e-6, a correct Q5_1 fallback called broken)."""
+    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ident = np.where(amax == 0, np.float32(0), np.float32(127) / amax).astype(np.float32)
+    total = np.rint(blocks * ident[:, None]).sum(axis=1, dtype=np.float32)
+    stored = (d * total).astype(np.float16).astype(np.float32)
+    excess = stored - d.astype(np.float16).astype(np.float32) * total
+    return excess.reshape(*x.shape[:-1], x.shape[-1] // 32)
+
+
 def kernel_input(weight_type: Q | None, x: torch.Tensor) -> torch.Tensor:
     """`x` rounded the way llama.cpp's CPU kernel for a `weight_type` matmul rounds its input."""
     kernel = _KERNEL_INPUT.get(weight_type)

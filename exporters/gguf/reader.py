@@ -20,7 +20,8 @@ import torch
 from moecompile import ir
 
 from . import ggml
-from .numerics import kernel_input, rms_norm, rope_tables
+from .numerics import (MIN_BLOCK_BYTES, block_mins, kernel_input, q8_1_sum_excess, rms_norm,
+                       rope_tables)
 from .types import Q
 
 
@@ -59,18 +60,36 @@ class FileNumerics:
                 self.where[ir_path] = (offset + index * part_bytes, part_bytes, qtype,
                                        part_shape, p.transform)
         self.exact = all(t == Q.F32 for t in self.types.values())
+        # Q4_1/Q5_1 weights' block minima (2 bytes a block, 1/12 of the file's), kept from
+        # reading the weight for `matmul_extra`: only llama.cpp's fallback types have them
+        self._mins: dict[str, np.ndarray] = {}
 
-    def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor:
-        hit = self.where.get(path)
-        if hit is None:
-            return tensor.value().to(torch.float32)
-        offset, nbytes, qtype, shape, transform = hit
+    def _read(self, path: str) -> tuple[np.ndarray, Q, tuple[int, ...], object]:
+        offset, nbytes, qtype, shape, transform = self.where[path]
         with open(self.path, "rb") as f:
             data = np.frombuffer(os.pread(f.fileno(), nbytes, offset), dtype=np.uint8)
+        if qtype in MIN_BLOCK_BYTES:
+            self._mins[path] = _undo(transform, block_mins(data, qtype, shape))
+        return data, qtype, shape, transform
+
+    def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor:
+        if path not in self.where:
+            return tensor.value().to(torch.float32)
+        data, qtype, shape, transform = self._read(path)
         return torch.from_numpy(_undo(transform, ggml.dequantize(data, int(qtype), shape)))
 
     def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
         return kernel_input(self.types.get(path), x)
+
+    def matmul_extra(self, path: str, x: torch.Tensor) -> torch.Tensor | None:
+        """What llama.cpp's kernel adds to (rounded x) @ W.T for input `x` (unrounded): for
+        Q4_1/Q5_1, the Q8_1 block sums' excess times the weight's block minima."""
+        if self.types.get(path) not in MIN_BLOCK_BYTES or x.numel() == 0:
+            return None
+        if path not in self._mins:
+            self._read(path)
+        excess = q8_1_sum_excess(x.detach().cpu().numpy())
+        return torch.from_numpy(excess @ self._mins[path].astype(np.float32).T).to(x.device)
 
     # ggml's own arithmetic where it differs from torch's in more than summation order
     rms_norm = staticmethod(rms_norm)

@@ -42,6 +42,10 @@ class Numerics(Protocol):
 
     def input(self, path: str, x: torch.Tensor) -> torch.Tensor: ...
 
+    # optional: matmul_extra(path, x) -> Tensor | None, what the runtime's kernel adds to
+    # input(path, x) @ W.T beyond the product (GGUF Q4_1/Q5_1: their input's block sums in
+    # fp16), read by ReferenceExecutor.linear/matmul
+
 
 class SourceNumerics:
     """The checkpoint's own values, unrounded: the float model."""
@@ -112,19 +116,30 @@ class ReferenceExecutor:
 
     def linear(self, x: torch.Tensor, path: str, bias: str | None = None) -> torch.Tensor:
         """x @ W.T (+ bias), with x rounded as the runtime's kernel for the weight would."""
-        return self.product(F.linear(self.numerics.input(path, x), self.w(path),
-                                     None if bias is None else self.w(bias)))
+        y = F.linear(self.numerics.input(path, x), self.w(path),
+                     None if bias is None else self.w(bias))
+        return self.product(self._with_extra(y, path, x))
+
+    def matmul(self, x: torch.Tensor, path: str, weight: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """x @ W.T as `linear`, without bias; `weight` overrides W (a slice of stacked experts,
+        computed as the float model: no kernel extra)."""
+        y = self.numerics.input(path, x) @ (self.w(path) if weight is None else weight).T
+        return self.product(y if weight is not None else self._with_extra(y, path, x))
+
+    def _with_extra(self, y: torch.Tensor, path: str, x: torch.Tensor) -> torch.Tensor:
+        """y plus what the runtime's kernel adds to the product beyond it (`matmul_extra` of
+        the numerics, on the unrounded input x)."""
+        extra = getattr(self.numerics, "matmul_extra", None)
+        more = None if extra is None else extra(path, x)
+        return y if more is None else y + more
 
     def mlp(self, x: torch.Tensor, prefix: str, gate=None, up=None, down=None) -> torch.Tensor:
         """SwiGLU of the MLP at `prefix`; `gate/up/down` override its weights (slices of
         stacked experts)."""
-        rounded, product = self.numerics.input, self.product
-        h = F.silu(product(rounded(f"{prefix}.gate", x) @ (self.w(f"{prefix}.gate")
-                                                           if gate is None else gate).T))
-        h = h * product(rounded(f"{prefix}.up", x) @ (self.w(f"{prefix}.up") if up is None
-                                                      else up).T)
-        return product(rounded(f"{prefix}.down", h) @ (self.w(f"{prefix}.down") if down is None
-                                                       else down).T)
+        h = F.silu(self.matmul(x, f"{prefix}.gate", gate))
+        h = h * self.matmul(x, f"{prefix}.up", up)
+        return self.matmul(h, f"{prefix}.down", down)
 
     def experts_stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once (for

@@ -40,6 +40,17 @@ def test_predicted_weight_bytes_equal_the_file(models, tmp_path, qtype, which):
         assert written["blk.0.ffn_down_exps.weight"][0] == ggml(qtype)
 
 
+def test_q5_1_fallback_verifies(models, tmp_path):
+    """Rows of 64 store q5_k as Q5_1, whose kernel adds each block's minimum times the input
+    block's sum as Q8_1 stores it (fp16): without mirroring that sum the median token was
+    2e-3 off and the correct file failed."""
+    result = compile_model(models["h64"], tmp_path / "q.gguf", "gguf", TypeRequest(quant="q5_k"),
+                           progress=False)
+    types = {name: t.name for name, _, t, _ in read_tensors(result.output)}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q5_1"
+    assert result.report["verification"]["passed"], result.report["verification"]
+
+
 def test_quant_map_applies_the_first_matching_rule(models, tmp_path):
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({r"ffn_down_exps": "q6_k", r"exps": "q4_k", r".": "q8_0"}))
