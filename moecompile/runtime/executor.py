@@ -120,12 +120,10 @@ class ReferenceExecutor:
                      None if bias is None else self.w(bias))
         return self.product(self._with_extra(y, path, x))
 
-    def matmul(self, x: torch.Tensor, path: str, weight: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        """x @ W.T as `linear`, without bias; `weight` overrides W (a slice of stacked experts,
-        computed as the float model: no kernel extra)."""
-        y = self.numerics.input(path, x) @ (self.w(path) if weight is None else weight).T
-        return self.product(y if weight is not None else self._with_extra(y, path, x))
+    def matmul(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """x @ W.T as `linear` computes it, without bias."""
+        y = self.numerics.input(path, x) @ self.w(path).T
+        return self.product(self._with_extra(y, path, x))
 
     def _with_extra(self, y: torch.Tensor, path: str, x: torch.Tensor) -> torch.Tensor:
         """y plus what the runtime's kernel adds to the product beyond it (`matmul_extra` of
@@ -134,12 +132,11 @@ class ReferenceExecutor:
         more = None if extra is None else extra(path, x)
         return y if more is None else y + more
 
-    def mlp(self, x: torch.Tensor, prefix: str, gate=None, up=None, down=None) -> torch.Tensor:
-        """SwiGLU of the MLP at `prefix`; `gate/up/down` override its weights (slices of
-        stacked experts)."""
-        h = F.silu(self.matmul(x, f"{prefix}.gate", gate))
-        h = h * self.matmul(x, f"{prefix}.up", up)
-        return self.matmul(h, f"{prefix}.down", down)
+    def mlp(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        """SwiGLU of the MLP at `prefix`."""
+        h = F.silu(self.matmul(x, f"{prefix}.gate"))
+        h = h * self.matmul(x, f"{prefix}.up")
+        return self.matmul(h, f"{prefix}.down")
 
     def experts_stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once (for
