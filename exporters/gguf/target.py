@@ -367,11 +367,11 @@ class GGUFTarget(Target):
                                                    and streams(model))
         if not local:
             sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
-                                       ctx.device, ctx.progress)
+                                       ctx.device, ctx.progress, ctx.engine)
             return sens, False, {"method": "full"}, None
         sens, info, check = sensitivity.local_losses(
             model, calib, units, list(CANDIDATES), rounding, LOCAL_PROBE, ctx.device,
-            ctx.progress)
+            ctx.progress, ctx.engine)
 
         def measure(mix: dict[str, str]) -> float:
             chosen = {p: mix[g] for g, paths in units.items() for p in paths}

@@ -217,10 +217,10 @@ class ONNXTarget(Target):
         if local:
             measured, info, check = sensitivity.local_losses(
                 model, calib, units, list(CANDIDATES[1:]), rounded, CANDIDATES[-1],
-                ctx.device, ctx.progress)
+                ctx.device, ctx.progress, ctx.engine)
         else:
             measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
-                                           ctx.device, ctx.progress)
+                                           ctx.device, ctx.progress, ctx.engine)
         sens = {u: {"f32": 0.0, **measured[u]} for u in units}
 
         def typed(unit_types: dict[str, str]) -> dict[str, str]:

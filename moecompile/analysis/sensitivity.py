@@ -7,6 +7,14 @@ measured on the calibration data through the reference executor, with only that 
 weights replaced by what the file would hold. Calibration tokens reach each expert as often as
 real use does, so an expert's loss is already weighted by how much it is used. Targets supply
 the units and the rounded values; nothing here knows a file format.
+
+Every unit is measured apart from the others, so the units are what an engine's workers split
+(`unit_shards`): each worker runs the same passes on all the calibration tokens and measures its
+share of the units, and the driver joins the dicts. Each number is computed as the single
+process computes it (the same tokens, batches and operations), so the choice does not depend
+on the number of workers. What each worker repeats is the original's pass (for the layer-local
+errors, the layer-major pass the units are measured in); the (types x units) measurements,
+most of the work, are split.
 """
 
 from __future__ import annotations
@@ -66,19 +74,53 @@ class Replaced(SourceNumerics):
         return tensor.value() if hit is None else hit
 
 
+def unit_shards(units: dict[str, list[str]], n: int) -> list[list[str]]:
+    """min(n, units) shares of the unit names, dealt round-robin so that each worker gets
+    units of every block and kind (their costs differ: an attention unit against a stacked
+    expert group), in the units' order within each share."""
+    names = list(units)
+    n = max(1, min(n, len(names)))
+    return [names[i::n] for i in range(n)]
+
+
+def _engine(engine, device: str):
+    from moecompile.distributed.engine import Engine
+
+    return engine if engine is not None else Engine(device)
+
+
+def _joined(units: dict[str, list[str]], parts: list[dict]) -> dict:
+    """The workers' unit -> ... dicts as one, in the units' order."""
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return {u: merged[u] for u in units}
+
+
 def measure(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
             candidates: list[str], rounded, device: str = "cpu",
-            progress: bool = True) -> dict[str, dict[str, float]]:
+            progress: bool = True, engine=None) -> dict[str, dict[str, float]]:
     """unit -> type -> KL. `rounded(type)` is a context manager giving `value(path, tensor)`,
-    the weight as a file of that type holds it (None where the type leaves it as it is)."""
+    the weight as a file of that type holds it (None where the type leaves it as it is). The
+    units are split over the engine's workers (default: this process, all of them)."""
+    engine = _engine(engine, device)
+    parts = engine.map(_measure_units, (model, calib, units, candidates, rounded, progress),
+                       unit_shards(units, engine.workers))
+    return _joined(units, parts)
+
+
+def _measure_units(shared, names: list[str], device: str) -> dict[str, dict[str, float]]:
+    """One worker's share of `measure`: the original's log-probabilities, then one forward
+    per (type, unit) of `names`."""
+    model, calib, units, candidates, rounded, progress = shared
     kl = CalibKL(model, calib, device)
-    out: dict[str, dict[str, float]] = {u: {} for u in units}
-    with tqdm(total=len(candidates) * len(units), desc="quant sensitivity",
+    out: dict[str, dict[str, float]] = {u: {} for u in names}
+    with tqdm(total=len(candidates) * len(names), desc="quant sensitivity",
               disable=not progress) as bar:
         for name in candidates:
             with rounded(name) as value:
-                for unit, paths in units.items():
-                    out[unit][name] = kl(Replaced(set(paths), value))
+                for unit in names:
+                    out[unit][name] = kl(Replaced(set(units[unit]), value))
                     bar.update(1)
     return out
 
@@ -153,27 +195,30 @@ def streaming_kl(model: ir.Model, ids, mask, reference: StreamingKL, numerics=No
 @torch.no_grad()
 def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                   candidates: list[str], rounded, device: str = "cpu", progress: bool = True,
-                  tokens: int = LOCAL_TOKENS, sampled: int = SAMPLED_EXPERTS) -> dict:
+                  tokens: int = LOCAL_TOKENS, sampled: int = SAMPLED_EXPERTS,
+                  only: list[str] | None = None) -> dict:
     """Layer-local errors of every (unit, type), in one layer-major pass: with block i
     resident, each unit of block i takes each type and only the sub-layer it belongs to is
     recomputed on the block's cached input (ExLlamaV2's measurement; scale.md §6.7 tier 1).
     The error is the mean squared change the sub-layer makes to the residual stream, relative
     to the mean square of the stream it writes (after the sub-layer). A stacked expert group is measured on `sampled` of
     its experts (the most used) and scaled to all of them. The output head's change is
-    measured directly as the KL it causes. Returns {"error": unit -> type -> error,
-    "head": units measured as KL, "tokens": n}."""
+    measured directly as the KL it causes. `only`: the units to measure (default: all; the
+    pass runs whole either way). Returns {"error": unit -> type -> error, "head": units
+    measured as KL, "tokens": n, "rows": the calibration rows}."""
     from moecompile.runtime.streaming import StreamingExecutor
 
     rows = measurement_rows(calib, tokens)
     ids, mask = calib.ids[rows], calib.mask[rows]
     ex = StreamingExecutor(model, device)
     real = mask.bool().to(ex.device)
+    measured = [u for u in units if only is None or u in set(only)]
     per_block: dict[int, list[str]] = {}
-    for u, paths in units.items():
-        if paths[0].startswith("blocks."):
-            per_block.setdefault(int(paths[0].split(".")[1]), []).append(u)
-    error: dict[str, dict[str, float]] = {u: {} for u in units}
-    head_units = [u for u, paths in units.items() if paths == ["lm_head"]]
+    for u in measured:
+        if units[u][0].startswith("blocks."):
+            per_block.setdefault(int(units[u][0].split(".")[1]), []).append(u)
+    error: dict[str, dict[str, float]] = {u: {} for u in measured}
+    head_units = [u for u in measured if units[u] == ["lm_head"]]
     bar = tqdm(total=len(model.blocks) + 2, desc="layer-local sensitivity", disable=not progress)
 
     def swapped(paths: list[str], name: str, value) -> StreamingExecutor:
@@ -181,7 +226,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
 
     h, attn_mask, positions = ex.embed(ids, mask)
     scale = float(h[real].pow(2).sum(-1).mean())
-    for u in units:  # the embedding: its rows are the stream itself
+    for u in measured:  # the embedding: its rows are the stream itself
         if units[u] == ["embed"]:
             for name in candidates:
                 with rounded(name) as value:
@@ -289,16 +334,24 @@ def unit_kind(paths: list[str]) -> str:
 
 def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                  candidates: list[str], rounded, probe: str, device: str = "cpu",
-                 progress: bool = True):
+                 progress: bool = True, engine=None):
     """Losses in KL units for every (unit, type) in a few passes over the measurement tokens:
     the layer-local errors (`measure_local`), converted to KL by one factor per kind of
     sub-layer (attention, experts, other MLPs, embedding), each fitted on a probe — every unit
     of that kind at the `probe` type at once, measured end to end — while the output head's KL
-    is measured directly. Returns (losses, info, check): `check(paths, value)` measures a chosen
-    mix end to end (value(path, tensor): its weights) against the same reference."""
+    is measured directly. The units' errors, then the probes, are split over the engine's
+    workers (default: this process). Returns (losses, info, check): `check(paths, value)`
+    measures a chosen mix end to end (value(path, tensor): its weights) against the same
+    reference."""
     from moecompile.runtime.streaming import StreamingExecutor
 
-    local = measure_local(model, calib, units, candidates, rounded, device, progress)
+    engine = _engine(engine, device)
+    parts = engine.map(_local_units, (model, calib, units, candidates, rounded, progress),
+                       unit_shards(units, engine.workers))
+    heads = {u for part in parts for u in part["head"]}
+    local = {"error": _joined(units, [part["error"] for part in parts]),
+             "head": [u for u in units if u in heads], "tokens": parts[0]["tokens"],
+             "rows": parts[0]["rows"]}
     rows = local["rows"]
     ids, mask = calib.ids[rows], calib.mask[rows]
     reference = StreamingKL()
@@ -307,12 +360,11 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     for u in units:
         if u not in local["head"]:
             kinds.setdefault(unit_kind(units[u]), []).append(u)
-    alpha, probes = {}, {}
-    for kind, members in kinds.items():  # one probe per kind: its units at `probe` at once
-        with rounded(probe) as value:
-            probes[kind] = streaming_kl(model, ids, mask, reference,
-                                        Replaced({p for u in members for p in units[u]}, value),
-                                        device)
+    # one probe per kind: its units at `probe` at once, a whole pass each
+    measured = engine.map(_probe_kind, (model, ids, mask, reference, units, kinds, rounded, probe),
+                          list(kinds))
+    alpha, probes = {}, dict(zip(kinds, measured))
+    for kind, members in kinds.items():
         predicted = sum(local["error"][u][probe] for u in members)
         alpha[kind] = probes[kind] / predicted if predicted > 0 else 0.0
     losses = {u: {t: (e if u in local["head"] else alpha[unit_kind(units[u])] * e)
@@ -324,3 +376,17 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
         return streaming_kl(model, ids, mask, reference, Replaced(paths, value), device)
 
     return losses, info, check
+
+
+def _local_units(shared, names: list[str], device: str) -> dict:
+    """One worker's share of the layer-local errors: the whole pass, `names` measured."""
+    model, calib, units, candidates, rounded, progress = shared
+    return measure_local(model, calib, units, candidates, rounded, device, progress, only=names)
+
+
+def _probe_kind(shared, kind: str, device: str) -> float:
+    """The end-to-end KL with every unit of `kind` at the probe type."""
+    model, ids, mask, reference, units, kinds, rounded, probe = shared
+    with rounded(probe) as value:
+        return streaming_kl(model, ids, mask, reference,
+                            Replaced({p for u in kinds[kind] for p in units[u]}, value), device)

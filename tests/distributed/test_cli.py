@@ -120,6 +120,21 @@ def test_eep_with_ray_writes_the_same_file_as_without(tmp_path):
     assert report["engine"]["candidates"] >= 48 + 2  # the search, the unpruned and the answer
 
 
+def test_quant_auto_with_ray_writes_the_same_file_as_without(tmp_path):
+    pytest.importorskip("ray")
+    args = ["--quant", "auto", "--budget", "17MB", "--calib", "all", "--calib-n", "2",
+            "--ctx", "256", "--no-verify"]
+    assert main([str(BUNDLED), *args, "--quiet", "-o", str(tmp_path / "serial.gguf")]) == 0
+    proc = run_cli(BUNDLED, *args, "--ray", "local:2", "-o", tmp_path / "ray.gguf")
+    assert proc.returncode == 0, proc.stderr
+    serial, ray = gguf_contents(tmp_path / "serial.gguf"), gguf_contents(tmp_path / "ray.gguf")
+    assert ray["tensors"] == serial["tensors"] and ray["meta"] == serial["meta"]
+    report = json.loads((tmp_path / "ray.report.json").read_text())
+    assert report["engine"]["engine"] == "ray" and report["engine"]["tasks"] >= 2
+    mine = json.loads((tmp_path / "serial.report.json").read_text())
+    assert report["quant"]["sensitivity"] == mine["quant"]["sensitivity"]
+
+
 def _descendants(pid: int) -> list:
     import psutil
 

@@ -1,0 +1,90 @@
+"""The quantization sensitivity split over Ray workers by unit: every (unit, type) is computed
+as this process computes it, so the full and the layer-local measurements, the probes that
+scale the latter to KL, are the same on two workers as in this process (test_cli.py: the
+file `--quant auto` writes, with `--ray` and without)."""
+
+import os
+
+import pytest
+import torch
+
+from moecompile import frontend
+from moecompile.analysis import sensitivity
+from moecompile.analysis.calibration import build_calib
+from moecompile.distributed.engine import Engine
+from moecompile.exporters.gguf.target import GGUFTarget
+
+
+CANDIDATES = ["q8_0", "q4_k"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    # a shared expert: every kind of unit (attention, experts, the shared expert's MLP, the
+    # embedding, the head) is measured; rows of 256 hold k-quant blocks
+    model = frontend.load(tiny_model("qwen2_moe", hidden_size=256, moe_intermediate_size=64,
+                                     shared_expert_intermediate_size=128))
+    target = GGUFTarget()
+    units = {g: [p for t in ts for p in t.paths] for g, ts in target.groups(model).items()}
+    return model, build_calib(model, "add", 2), units, target._rounding(model, None)
+
+
+def in_process(fn):
+    """`fn` in this process on as many threads as each worker of `local:2` has: torch's
+    kernels may sum in another order on another thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_unit_shards_deal_every_unit_once(setup):
+    _, _, units, _ = setup
+    for n in (1, 2, 3, len(units), len(units) + 5):
+        shards = sensitivity.unit_shards(units, n)
+        assert len(shards) == min(n, len(units))
+        assert sorted(u for s in shards for u in s) == sorted(units)
+        kinds = [{sensitivity.unit_kind(units[u]) for u in s} for s in shards]
+        if n == 2:  # dealt round-robin: each worker gets attention and experts
+            assert all({"attention", "experts"} <= k for k in kinds)
+
+
+def test_full_sensitivity_on_two_workers_equals_this_process(ray_engine, setup):
+    model, calib, units, rounding = setup
+    want = in_process(lambda: sensitivity.measure(model, calib, units, CANDIDATES, rounding,
+                                                  progress=False))
+    tasks = ray_engine.tasks
+    got = sensitivity.measure(model, calib, units, CANDIDATES, rounding, progress=False,
+                              engine=ray_engine)
+    assert ray_engine.tasks - tasks == 2
+    assert list(got) == list(units)
+    assert got == want
+    assert all(got[u]["q4_k"] > got[u]["q8_0"] > 0 for u in units if "ffn_down" in u)
+
+
+def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, setup):
+    model, calib, units, rounding = setup
+    want, want_info, want_check = in_process(lambda: sensitivity.local_losses(
+        model, calib, units, CANDIDATES, rounding, "q4_k", progress=False))
+    tasks = ray_engine.tasks
+    got, info, check = sensitivity.local_losses(model, calib, units, CANDIDATES, rounding,
+                                                "q4_k", progress=False, engine=ray_engine)
+    kinds = {sensitivity.unit_kind(p) for p in units.values()} - {"head"}
+    assert ray_engine.tasks - tasks == 2 + len(kinds)  # the errors, then one probe per kind
+    assert got == want and info == want_info
+    assert set(info["probe_kl"]) == kinds == {"attention", "experts", "mlp", "embedding"}
+    with rounding("q4_k") as value:  # the end-to-end check runs here, on the same reference
+        paths = {p for ps in units.values() for p in ps}
+        assert check(paths, value) == want_check(paths, value) > 0
+
+
+def test_the_in_process_engine_is_the_default(setup):
+    model, calib, units, rounding = setup
+    engine = Engine("cpu")
+    got = sensitivity.measure(model, calib, units, CANDIDATES[:1], rounding, progress=False,
+                              engine=engine)
+    assert engine.tasks == 1
+    assert got == sensitivity.measure(model, calib, units, CANDIDATES[:1], rounding,
+                                      progress=False)
