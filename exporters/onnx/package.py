@@ -67,7 +67,10 @@ def write_genai_config(model: ir.Model, path: Path, filename: str) -> None:
                 "num_attention_heads": attn.n_heads,
                 "num_key_value_heads": attn.n_kv_heads,
                 "num_hidden_layers": len(model.blocks),
-                "session_options": {"log_id": "moecompile", "provider_options": []},
+                # every decode step has a new cache length, and ONNX Runtime keeps a memory
+                # pattern per input shape (runtime/onnx_runner.py says what that costs)
+                "session_options": {"log_id": "moecompile", "provider_options": [],
+                                    "enable_mem_pattern": False},
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids",
                            "past_key_names": "past_key_values.%d.key",

@@ -205,7 +205,9 @@ class StreamingFitness:
         if self.reference is None:  # the original: keep its top-K
             top = logp.topk(min(TOP_K_REFERENCE, logp.shape[-1]), dim=-1)
             for r, ids, lp in zip(rows.tolist(), top.indices, top.values):
-                self.top[r] = (ids, lp)
+                # a copy: the row of the chunk's result would keep (and pickle, sent to or
+                # from a worker) the whole chunk's storage
+                self.top[r] = (ids.clone(), lp.clone())
             self.logp_count += len(rows)
             return
         for r, q in zip(rows.tolist(), logp):

@@ -170,7 +170,10 @@ class StreamingKL:
         rows = rows.cpu()
         if self.reference is None:
             top = logp.topk(min(TOP_K, logp.shape[-1]), dim=-1)
-            self.top.update(zip(rows.tolist(), zip(top.indices, top.values)))
+            # each token's own copy: a row of the chunk's result would keep (and pickle, when
+            # the reference is sent to workers) the whole chunk's storage
+            self.top.update((r, (i.clone(), v.clone()))
+                            for r, i, v in zip(rows.tolist(), top.indices, top.values))
             return
         ids = torch.stack([self.reference.top[r][0] for r in rows.tolist()])
         ref = torch.stack([self.reference.top[r][1] for r in rows.tolist()])

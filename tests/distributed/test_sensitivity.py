@@ -4,6 +4,7 @@ scale the latter to KL, are the same on two workers as in this process (test_cli
 file `--quant auto` writes, with `--ray` and without)."""
 
 import os
+import pickle
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch
 from moecompile import frontend
 from moecompile.analysis import sensitivity
 from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.fitness import StreamingFitness
 from moecompile.distributed.engine import Engine
 from moecompile.exporters.gguf.target import GGUFTarget
+from moecompile.runtime.streaming import StreamingExecutor
 
 
 CANDIDATES = ["q8_0", "q4_k"]
@@ -88,3 +91,22 @@ def test_the_in_process_engine_is_the_default(setup):
     assert engine.tasks == 1
     assert got == sensitivity.measure(model, calib, units, CANDIDATES[:1], rounding,
                                       progress=False)
+
+
+def test_references_sent_to_workers_hold_each_token_once(setup):
+    """The original's top-K log-probabilities travel to the workers (the probes, a pruning's
+    streaming KL): each token's row must pickle alone, not with the chunk it was computed in —
+    which made 1024 measurement tokens of the bundled model 12 GB per worker."""
+    model, _, _, _ = setup
+    calib = build_calib(model, "default", 4)
+    kl, fit = sensitivity.StreamingKL(), StreamingFitness(calib)
+
+    def both(rows, logits):
+        kl.consume(rows, logits)
+        fit.consume(rows, logits)
+
+    StreamingExecutor(model, "cpu").run(calib.ids, calib.mask, both)  # the head in chunks
+    for top in (kl.top, fit.top):
+        tokens, k = len(top), next(iter(top.values()))[0].numel()
+        assert tokens > 50
+        assert len(pickle.dumps(top)) < 1.5 * tokens * k * (8 + 4) + 2000 * tokens

@@ -115,16 +115,17 @@ def bundled_f32(tmp_path_factory):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("which,ctx", [("bundled_f32", 512), ("olmoe_shaped", 512),
                                        ("olmoe_shaped", 2048)])
-def test_predicted_memory_is_within_10_percent_of_resident(request, which, ctx):
+def test_predicted_memory_is_within_4_percent_of_resident(request, which, ctx):
     """The whole prediction (weights + KV cache + compute and work buffers + runtime) against a
     real process, its weights in plain CPU buffers (no repacked copy), so the mapped weights are
-    resident once. Of the prediction, 3 MiB is a measured constant (code
-    pages and small allocations; docs/memory_model.md): about 6.5% here for the bundled model,
-    2-4% for the OLMoE-shaped one; everything else follows llama.cpp's allocations."""
+    resident once. Measured (three runs each): the bundled model 0.0-1.6% over what the process
+    holds (F32 and Q8_0, ctx 256 and 512), the OLMoE-shaped one 1.7-3.0% over (Q8_0 and Q4_K,
+    ctx 512 and 2048). Of the prediction, 3 MiB is a measured constant (code pages and small
+    allocations; docs/memory_model.md); everything else follows llama.cpp's allocations."""
     folder, gguf = request.getfixturevalue(which)
     predicted = memory(frontend.load(folder), sum(b for *_, b in read_tensors(gguf)), ctx)
     measured = _resident_growth(gguf, ctx)
-    assert predicted.total_bytes == pytest.approx(measured, rel=0.10), (predicted, measured)
+    assert predicted.total_bytes == pytest.approx(measured, rel=0.04), (predicted, measured)
 
 
 def test_quant_auto_fits_the_budget_and_reports_exact_weights(tiny_model, tmp_path):
