@@ -88,15 +88,22 @@ class ImportanceObserver(Observer):
         # (block, expert) -> (router logits, inputs) of the expert's top-up candidates
         self.candidates: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer: tuple | None = None
+        self._squares: tuple | None = None  # (the last input, its column sums of squares, rows)
 
     def input(self, path, x):
         if path in self.paths and x.numel():
-            flat = x.reshape(-1, x.shape[-1]).double()
-            _add(self.sums, path, flat.pow(2).sum(0).cpu())
-            self.counts[path] = self.counts.get(path, 0) + flat.shape[0]
+            # q, k and v share one input, gate and up another: square it once (the executor
+            # shows the same tensor for each; the sums are never updated in place)
+            if self._squares is None or self._squares[0] is not x:
+                flat = x.reshape(-1, x.shape[-1]).double()
+                self._squares = (x, flat.pow(2).sum(0).cpu(), flat.shape[0])
+            _, squares, n = self._squares
+            _add(self.sums, path, squares)
+            self.counts[path] = self.counts.get(path, 0) + n
 
     def attach(self, executor):
         self.executor = executor
+        self._squares = None  # an input of the last pass is not sent back with the sums
 
     def routing(self, block, x, logits, idx, weights):
         self._layer = (block, x, logits)

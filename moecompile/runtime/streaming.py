@@ -87,7 +87,7 @@ class Observer:
     def load_state(self, state: dict) -> None:
         vars(self).update(state)
 
-    transient = ("executor", "_layer", "observers")  # references, not sums
+    transient = ("executor", "_layer", "_squares", "observers")  # references, not sums
 
 
 class _Observed:
@@ -96,14 +96,19 @@ class _Observed:
     def __init__(self, inner: Numerics, executor: "StreamingExecutor"):
         self.inner, self.ex = inner, executor
         self.exact = inner.exact
+        self._shown: tuple | None = None  # (input, real rows, what the observer was shown)
 
     def weight(self, path: str, tensor: ir.Tensor) -> torch.Tensor:
         return self.inner.weight(path, tensor)
 
     def input(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
         real = self.ex.real_rows
-        self.ex.observer.input(path, rows if real is None else rows[real])
+        # products that share an input (q, k, v; gate, up) show the observer one tensor, so
+        # what it derives from the input it can derive once
+        if self._shown is None or self._shown[0] is not x or self._shown[1] is not real:
+            rows = x.reshape(-1, x.shape[-1])
+            self._shown = (x, real, rows if real is None else rows[real])
+        self.ex.observer.input(path, self._shown[2])
         return self.inner.input(path, x)
 
 
