@@ -145,8 +145,7 @@ class SlimExperts(Pass):
         elif layer_major:  # one layer-major pass: the statistics and the original's fitness
             observer, original = stream(
                 ctx.engine, model, calib, neurons.NeuronObserver(model, calib, set(todo), full),
-                StreamingFitness(calib), shards=1,
-                what=("neurons", full, tuple(sorted(todo))),
+                StreamingFitness(calib), what=("neurons", full, tuple(sorted(todo))),
                 progress="neuron statistics" if ctx.progress else None)
             stats = observer.result()
         else:

@@ -36,6 +36,7 @@ for; the pass refuses a refit whose statistics would not fit, passes/slim_expert
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass, field
@@ -167,12 +168,12 @@ def collect(model: ir.Model, calib: CalibSet, prefixes: set[str], device: str = 
     return stats
 
 
-def halves(calib: CalibSet) -> torch.Tensor:
-    """Which half (0: even, 1: odd calibration example) each real token belongs to, in the
-    executors' order of real tokens (row-major, padding removed)."""
+def example_of_tokens(calib: CalibSet) -> torch.Tensor:
+    """The calibration example of each real token, in the executors' order of real tokens
+    (row-major, padding removed); its parity is the token's hold-out half."""
     mask = calib.mask.bool()
-    half = (torch.arange(calib.n_examples)[:, None] % 2).expand_as(mask)
-    return half[mask]
+    return torch.arange(calib.n_examples)[:, None].expand_as(mask)[mask]
+
 
 
 def statistics_bytes(model: ir.Model, prefixes, full: bool) -> int:
@@ -187,8 +188,8 @@ class NeuronObserver(Observer):
     their routing weight (known when the executor reports the expert's output), a gated shared
     expert's by its sigmoid gate (computed from the layer's input with the executor's weight
     at the end of the block), a dense MLP's by 1. The hold-out halves are the examples'
-    parity over the whole set, so the pass runs over the whole set in one process (it is not
-    split over Ray workers yet)."""
+    parity in the whole set, also in a token shard's part (`part`), so merged shards keep the
+    halves one pass over everything keeps."""
 
     def __init__(self, model: ir.Model, calib: CalibSet, prefixes: set[str], full: bool):
         paths = mlp_paths(model, shared=True)
@@ -196,7 +197,8 @@ class NeuronObserver(Observer):
         self.full = full
         # allocated on an MLP's first token: an unused copy (a shard's) costs nothing
         self.stats: dict[str, NeuronStats] = {}
-        self.half = halves(calib)
+        self.examples = example_of_tokens(calib)
+        self.half = self.examples % 2
         self.gated = {i for i, b in enumerate(model.blocks) if isinstance(b.ffn, ir.MoE)
                       and b.ffn.shared is not None and b.ffn.shared.gate is not None}
         self.executor = None
@@ -204,6 +206,14 @@ class NeuronObserver(Observer):
 
     def attach(self, executor) -> None:
         self.executor = executor
+
+    def part(self, rows: list[int]) -> "NeuronObserver":
+        """The shard of examples `rows`: its tokens keep their examples' halves."""
+        out = copy.copy(self)
+        out.stats, out._layer, out.executor = {}, {}, None
+        out.examples = self.examples[torch.isin(self.examples, torch.tensor(rows))]
+        out.half = out.examples % 2
+        return out
 
     def input(self, path, x):
         prefix = path.removesuffix(".down")
@@ -251,7 +261,7 @@ class NeuronObserver(Observer):
         `collect` gives them)."""
         return {p: self.stats.get(p) or NeuronStats(w, self.full) for p, w in self.widths.items()}
 
-    transient = Observer.transient + ("half", "gated", "widths", "full")
+    transient = Observer.transient + ("half", "examples", "gated", "widths", "full")
 
 
 def importance(method: str, down: torch.Tensor, stats: NeuronStats | None,

@@ -51,6 +51,9 @@ class Observers(Observer):
         for o in self.observers:
             o.attach(executor)
 
+    def part(self, rows: list[int]) -> "Observers":
+        return Observers(*(o.part(rows) for o in self.observers))
+
     def merge(self, other: "Observers") -> "Observers":
         for mine, theirs in zip(self.observers, other.observers):
             mine.merge(theirs)

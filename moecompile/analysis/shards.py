@@ -11,8 +11,6 @@ engine) the one shard is the whole set: the numbers of the unsharded pass, bit f
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -65,7 +63,7 @@ def _run_shard(shared, rows: list[int], device: str):
     from moecompile.runtime.resume import resume_for
 
     model, calib, observer, fitness, numerics, what, progress = shared
-    observer = copy.deepcopy(observer) if observer is not None else None
+    observer = observer.part(rows) if observer is not None else None
     part = fitness.part(rows) if fitness is not None else None
     sub = calib.subset(rows)
     resume = resume_for(model, sub, *what) if what is not None else None

@@ -26,6 +26,7 @@ block arithmetic and the routing are written once.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Callable
 
@@ -64,6 +65,12 @@ def executor_for(model: ir.Model, device: str | None = None, numerics: Numerics 
 class Observer:
     """What a pass measures during a streaming pass. Every method is optional; rows are real
     tokens only. Subclasses keep sums, so states of token shards merge by addition."""
+
+    def part(self, rows: list[int]) -> "Observer":
+        """An empty copy for the token shard of the calibration examples `rows` (a contiguous
+        run, analysis/shards.py); `merge` adds its sums back. Observers that index tokens by
+        their place in the whole set override it."""
+        return copy.deepcopy(self)
 
     def input(self, path: str, x: torch.Tensor) -> None:
         """x (rows, in): the input of the matmul with the weight at `path`."""
