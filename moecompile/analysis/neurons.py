@@ -175,7 +175,6 @@ def example_of_tokens(calib: CalibSet) -> torch.Tensor:
     return torch.arange(calib.n_examples)[:, None].expand_as(mask)[mask]
 
 
-
 def statistics_bytes(model: ir.Model, prefixes, full: bool) -> int:
     """What the statistics of the MLPs at `prefixes` hold (float64, two halves)."""
     paths = mlp_paths(model, shared=True)

@@ -67,9 +67,10 @@ class Observer:
     tokens only. Subclasses keep sums, so states of token shards merge by addition."""
 
     def part(self, rows: list[int]) -> "Observer":
-        """An empty copy for the token shard of the calibration examples `rows` (a contiguous
-        run, analysis/shards.py); `merge` adds its sums back. Observers that index tokens by
-        their place in the whole set override it."""
+        """A copy for the token shard of the calibration examples `rows` (a contiguous run,
+        analysis/shards.py), made before the pass while the sums are still empty; `merge` adds
+        its sums back. Observers that index tokens by their place in the whole set override
+        it."""
         return copy.deepcopy(self)
 
     def input(self, path: str, x: torch.Tensor) -> None:
