@@ -16,6 +16,10 @@ the FLOPs of a forward pass of the active parameters over the calibration tokens
 fraction of the GPU's peak (no GPU was measured here), adds the measured per-task overhead,
 and accounts for the search's batches: B candidates are made from one archive state, so N
 workers run ceil(B/N) rounds per batch and the speed-up is capped at B.
+
+The same engines then measure `--quant auto`'s sensitivity (GGUF types, full and layer-local,
+split over the workers by unit): wall time of each and whether the tables equal the
+in-process ones (they must: every unit is computed as one process computes it).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from moecompile import frontend
-from moecompile.analysis import baselines
+from moecompile.analysis import baselines, sensitivity
 from moecompile.analysis.calibration import build_calib
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import moe_layers
 from moecompile.distributed.engine import Engine
+from moecompile.exporters.gguf.target import CANDIDATES, LOCAL_PROBE, GGUFTarget
 from moecompile.testing.models import BUNDLED
 
 # Active parameters per token of each real model, from its config.json (attention, routed
@@ -129,6 +134,23 @@ def model_gpu(overhead_s: float, batch: int, workers=(1, 2, 4, 8, 16)) -> list[d
     return rows
 
 
+def run_sensitivity(engine, model, calib) -> dict:
+    """`--quant auto`'s GGUF sensitivity, full and layer-local, on `engine`: the tables and
+    the wall time of each."""
+    target = GGUFTarget()
+    units = {g: [p for t in ts for p in t.paths] for g, ts in target.groups(model).items()}
+    rounding = target._rounding(model, None)
+    t = time.perf_counter()
+    full = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding, progress=False,
+                               engine=engine)
+    full_s = time.perf_counter() - t
+    t = time.perf_counter()
+    local, _, _ = sensitivity.local_losses(model, calib, units, list(CANDIDATES), rounding,
+                                           LOCAL_PROBE, progress=False, engine=engine)
+    return {"full": full, "local": local, "full_s": full_s,
+            "local_s": time.perf_counter() - t, "units": len(units)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--evaluations", type=int, default=400)
@@ -158,6 +180,7 @@ def main() -> None:
                  "evals_per_s": serial.evaluations / wall, "bytes_per_candidate": 0,
                  "cpu_s": run_search.cpu,
                  "identical": True})
+    tables = [run_sensitivity(Engine("cpu"), model, calib)]
     for n in (1, 2):
         t0 = time.perf_counter()
         engine = RayEngine(parse_address(f"local:{n}"), "cpu")
@@ -168,6 +191,7 @@ def main() -> None:
             cpu = run_search.cpu
             per = (engine.payload_bytes - before) / max(scorer.submitted, 1)
             trip = round_trip(engine)
+            tables.append(run_sensitivity(engine, model, calib))
         finally:
             engine.close()
         rows.append({"engine": "ray", "workers": n, "start_s": start, "search_s": wall,
@@ -196,6 +220,17 @@ def main() -> None:
     two = rows[2]
     print(f"2 workers / in-process, search wall: {two['ratio']:.2f}x "
           f"(with the cluster's start: {(two['search_s'] + two['start_s']) / base:.2f}x)")
+
+    print(f"\n`--quant auto` sensitivity (GGUF, {len(CANDIDATES)} types x "
+          f"{tables[0]['units']} units), split over the workers by unit:")
+    print("\n| engine | workers | full s | layer-local s | same tables |")
+    print("|---|---|---|---|---|")
+    for r, t in zip(rows, tables):
+        same_tables = t["full"] == tables[0]["full"] and t["local"] == tables[0]["local"]
+        r["sensitivity"] = {"full_s": t["full_s"], "local_s": t["local_s"],
+                            "identical": same_tables}
+        print(f"| {r['engine']} | {r['workers']} | {t['full_s']:.1f} | {t['local_s']:.1f} | "
+              f"{'yes' if same_tables else 'NO'} |")
 
     gpu = model_gpu(overhead, args.batch)
     print(f"\nModel: one candidate on one GPU = 2 x active params x {CALIB_TOKENS} calibration "

@@ -39,6 +39,7 @@ from .engine import Engine
 
 RETRIES = 3  # times one piece of work is sent again after its worker died
 READY_SECONDS = 300  # workers that cannot be placed within this are an error
+IN_FLIGHT_PER_WORKER = 2  # candidates queued at each worker (RayCandidates)
 _DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
          ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
 
@@ -290,8 +291,10 @@ class RayEngine(Engine):
 
 
 class RayCandidates:
-    """EEP's scorer on Ray (analysis/eep.py `Scorer`): as many candidates in flight as there
-    are workers."""
+    """EEP's scorer on Ray (analysis/eep.py `Scorer`): two candidates in flight per worker, so
+    that each worker has its next candidate queued when it finishes one instead of waiting
+    for the driver's round trip (measured on the bundled model, 2 workers on 2 idle cores:
+    search 5.5 s with one in flight per worker, in-process 4.1 s)."""
 
     def __init__(self, engine: RayEngine, model, calib, router_mode: str):
         self.engine = engine
@@ -304,7 +307,7 @@ class RayCandidates:
 
     @property
     def parallel(self) -> int:
-        return self.engine.workers
+        return IN_FLIGHT_PER_WORKER * self.engine.workers
 
     def submit(self, plans) -> _Ticket:
         self.submitted += 1
