@@ -40,7 +40,8 @@ from moecompile.analysis.calibration import build_calib
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import moe_layers
 from moecompile.distributed.engine import Engine
-from moecompile.exporters.gguf.target import CANDIDATES, LOCAL_PROBE, GGUFTarget
+from moecompile.exporters.gguf.target import (CANDIDATES, LOCAL_PROBE, GGUFTarget,
+                                               group_units)
 from moecompile.testing.models import BUNDLED
 
 # Active parameters per token of each real model, from its config.json (attention, routed
@@ -138,7 +139,7 @@ def run_sensitivity(engine, model, calib) -> dict:
     """`--quant auto`'s GGUF sensitivity, full and layer-local, on `engine`: the tables and
     the wall time of each."""
     target = GGUFTarget()
-    units = {g: [p for t in ts for p in t.paths] for g, ts in target.groups(model).items()}
+    units = group_units(target.groups(model))
     rounding = target._rounding(model, None)
     t = time.perf_counter()
     full = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding, progress=False,

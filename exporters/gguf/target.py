@@ -58,6 +58,11 @@ def group_of(name: str) -> str:
     return f"blk.{layer}.{kind}"
 
 
+def group_units(groups: dict[str, list[writer.PlannedTensor]]) -> dict[str, list[str]]:
+    """The IR paths of each group: the units `--quant auto` measures and types."""
+    return {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+
+
 class GGUFTarget(Target):
     name = "gguf"
     suffix = ".gguf"
@@ -249,7 +254,7 @@ class GGUFTarget(Target):
                 f"{n_ctx} {format_size(fixed)}){hint}", experts)
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
-        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        units = group_units(groups)
         sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
                                                             request, ctx)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
@@ -297,7 +302,7 @@ class GGUFTarget(Target):
                 f"{n_ctx} {format_size(fixed)})", None)
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
-        units = {g: [p for t in ts for p in t.paths] for g, ts in groups.items()}
+        units = group_units(groups)
         sens, local, info, _ = self._type_sensitivity(model, calib, units, importance, request,
                                                       ctx)
         built: dict[Structure, object] = {}

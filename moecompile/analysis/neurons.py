@@ -196,8 +196,7 @@ class NeuronObserver(Observer):
         self.full = full
         # allocated on an MLP's first token: an unused copy (a shard's) costs nothing
         self.stats: dict[str, NeuronStats] = {}
-        self.examples = example_of_tokens(calib)
-        self.half = self.examples % 2
+        self.examples = example_of_tokens(calib)  # of each real token, in the whole set
         self.gated = {i for i, b in enumerate(model.blocks) if isinstance(b.ffn, ir.MoE)
                       and b.ffn.shared is not None and b.ffn.shared.gate is not None}
         self.executor = None
@@ -211,8 +210,12 @@ class NeuronObserver(Observer):
         out = copy.copy(self)
         out.stats, out._layer, out.executor = {}, {}, None
         out.examples = self.examples[torch.isin(self.examples, torch.tensor(rows))]
-        out.half = out.examples % 2
         return out
+
+    @property
+    def half(self) -> torch.Tensor:
+        """The hold-out half of each real token: its example's parity in the whole set."""
+        return self.examples % 2
 
     def input(self, path, x):
         prefix = path.removesuffix(".down")
@@ -260,7 +263,7 @@ class NeuronObserver(Observer):
         `collect` gives them)."""
         return {p: self.stats.get(p) or NeuronStats(w, self.full) for p, w in self.widths.items()}
 
-    transient = Observer.transient + ("half", "examples", "gated", "widths", "full")
+    transient = Observer.transient + ("examples", "gated", "widths", "full")
 
 
 def importance(method: str, down: torch.Tensor, stats: NeuronStats | None,

@@ -154,6 +154,8 @@ class ImportanceObserver(Observer):
         self.candidates = {}
         return self
 
+    transient = Observer.transient + ("_squares",)
+
     def merge(self, other: "ImportanceObserver") -> "ImportanceObserver":
         for path, value in other.sums.items():
             _add(self.sums, path, value)

@@ -215,7 +215,8 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     ids, mask = calib.ids[rows], calib.mask[rows]
     ex = StreamingExecutor(model, device)
     real = mask.bool().to(ex.device)
-    measured = list(units) if only is None else [u for u in units if u in set(only)]
+    keep = set(units if only is None else only)
+    measured = [u for u in units if u in keep]
     per_block: dict[int, list[str]] = {}
     for u in measured:
         if units[u][0].startswith("blocks."):

@@ -95,7 +95,7 @@ class Observer:
     def load_state(self, state: dict) -> None:
         vars(self).update(state)
 
-    transient = ("executor", "_layer", "_squares", "observers")  # references, not sums
+    transient = ("executor", "_layer", "observers")  # references, not sums
 
 
 class _Observed:

@@ -3,18 +3,16 @@ as this process computes it, so the full and the layer-local measurements, the p
 scale the latter to KL, are the same on two workers as in this process (test_cli.py: the
 file `--quant auto` writes, with `--ray` and without)."""
 
-import os
 import pickle
 
 import pytest
-import torch
 
 from moecompile import frontend
 from moecompile.analysis import sensitivity
 from moecompile.analysis.calibration import build_calib
 from moecompile.analysis.fitness import StreamingFitness
 from moecompile.distributed.engine import Engine
-from moecompile.exporters.gguf.target import GGUFTarget
+from moecompile.exporters.gguf.target import GGUFTarget, group_units
 from moecompile.runtime.streaming import StreamingExecutor
 
 
@@ -28,19 +26,8 @@ def setup(tiny_model):
     model = frontend.load(tiny_model("qwen2_moe", hidden_size=256, moe_intermediate_size=64,
                                      shared_expert_intermediate_size=128))
     target = GGUFTarget()
-    units = {g: [p for t in ts for p in t.paths] for g, ts in target.groups(model).items()}
+    units = group_units(target.groups(model))
     return model, build_calib(model, "add", 2), units, target._rounding(model, None)
-
-
-def in_process(fn):
-    """`fn` in this process on as many threads as each worker of `local:2` has: torch's
-    kernels may sum in another order on another thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_unit_shards_deal_every_unit_once(setup):
@@ -54,9 +41,9 @@ def test_unit_shards_deal_every_unit_once(setup):
             assert all({"attention", "experts"} <= k for k in kinds)
 
 
-def test_full_sensitivity_on_two_workers_equals_this_process(ray_engine, setup):
+def test_full_sensitivity_on_two_workers_equals_this_process(ray_engine, setup, like_a_worker):
     model, calib, units, rounding = setup
-    want = in_process(lambda: sensitivity.measure(model, calib, units, CANDIDATES, rounding,
+    want = like_a_worker(lambda: sensitivity.measure(model, calib, units, CANDIDATES, rounding,
                                                   progress=False))
     tasks = ray_engine.tasks
     got = sensitivity.measure(model, calib, units, CANDIDATES, rounding, progress=False,
@@ -67,9 +54,10 @@ def test_full_sensitivity_on_two_workers_equals_this_process(ray_engine, setup):
     assert all(got[u]["q4_k"] > got[u]["q8_0"] > 0 for u in units if "ffn_down" in u)
 
 
-def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, setup):
+def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, setup,
+                                                                   like_a_worker):
     model, calib, units, rounding = setup
-    want, want_info, want_check = in_process(lambda: sensitivity.local_losses(
+    want, want_info, want_check = like_a_worker(lambda: sensitivity.local_losses(
         model, calib, units, CANDIDATES, rounding, "q4_k", progress=False))
     tasks = ray_engine.tasks
     got, info, check = sensitivity.local_losses(model, calib, units, CANDIDATES, rounding,

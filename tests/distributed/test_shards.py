@@ -3,8 +3,6 @@ fitness states merged, equals one pass over everything — exactly with one shar
 computation), to float tolerance with two and three (other batch shapes, other summation
 order), and counts exactly always."""
 
-import os
-
 import pytest
 import torch
 
@@ -34,19 +32,7 @@ def observers(model):
 
 
 def single(model, calib, text_calib):
-    """The unsharded pass, in this process, as the code without an engine ran it — on as many
-    threads as each worker of `local:2` has (one per core), since torch's kernels may sum in
-    another order on another thread count (measured on an AVX-512 Xeon: a different last bit
-    in block 1's inputs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    try:
-        return _single(model, calib, text_calib)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _single(model, calib, text_calib):
+    """The unsharded pass, in this process, as the code without an engine ran it."""
     obs, fit = observers(model), StreamingFitness(calib)
     ex = StreamingExecutor(model, "cpu", observer=obs)
     ex.run(calib.ids, calib.mask, fit.consume)
@@ -66,18 +52,14 @@ def neurons(model, calib):
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])
-def test_neuron_statistics_of_merged_shards_equal_the_single_run(ray_engine, setup, shards):
+def test_neuron_statistics_of_merged_shards_equal_the_single_run(ray_engine, setup, shards,
+                                                                 like_a_worker):
     """The hold-out halves are the examples' parity in the whole set, also inside a shard: an
     odd shard boundary must not swap them."""
     model, calib, _ = setup
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    try:
-        want = neurons(model, calib)
-        StreamingExecutor(model, "cpu", observer=want).run(calib.ids, calib.mask,
-                                                           lambda r, logits: None)
-    finally:
-        torch.set_num_threads(threads)
+    want = neurons(model, calib)
+    like_a_worker(lambda: StreamingExecutor(model, "cpu", observer=want).run(
+        calib.ids, calib.mask, lambda r, logits: None))
     got, _ = stream(ray_engine, model, calib, neurons(model, calib), shards=shards)
     if shards > 1:  # a shard starts on an odd example: its first token is in half 1
         assert any(s[0] % 2 for s in split(calib, shards)[1:])
@@ -98,9 +80,10 @@ def test_neuron_statistics_of_merged_shards_equal_the_single_run(ray_engine, set
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])
-def test_merged_shards_equal_the_single_run(ray_engine, setup, shards):
+def test_merged_shards_equal_the_single_run(ray_engine, setup, shards, like_a_worker):
     model, calib, text_calib = setup
-    want_obs, want_fit, want_ref, want_kl = single(model, calib, text_calib)
+    want_obs, want_fit, want_ref, want_kl = like_a_worker(
+        lambda: single(model, calib, text_calib))
     obs, fit = stream(ray_engine, model, calib, observers(model), StreamingFitness(calib),
                       shards=shards)
     obs.observers[0].top_up(StreamingExecutor(model, "cpu"))
