@@ -98,8 +98,9 @@ class ImportanceObserver(Observer):
             # q, k and v share one input, gate and up another: square it once (the executor
             # shows the same tensor for each; the sums are never updated in place)
             if self._squares is None or self._squares[0] is not x:
-                flat = x.reshape(-1, x.shape[-1]).double()
-                self._squares = (x, flat.pow(2).sum(0).cpu(), flat.shape[0])
+                # squared in place in a float64 copy: pow's result would be a second one
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float64, copy=True).square_()
+                self._squares = (x, flat.sum(0).cpu(), flat.shape[0])
             _, squares, n = self._squares
             _add(self.sums, path, squares)
             self.counts[path] = self.counts.get(path, 0) + n

@@ -58,18 +58,17 @@ def stream(engine, model: ir.Model, calib: CalibSet, observer=None,
 def _run_shard(shared, rows: list[int], device: str):
     """One shard: the examples `rows` through the model; (observer, fitness) of the shard,
     detached from the executor so they travel back."""
-    from moecompile.runtime.streaming import StreamingExecutor
-
     from moecompile.runtime.resume import resume_for
+    from moecompile.runtime.streaming import HEAD_INPUT, StreamingExecutor
 
     model, calib, observer, fitness, numerics, what, progress = shared
     observer = observer.part(rows) if observer is not None else None
     part = fitness.part(rows) if fitness is not None else None
     sub = calib.subset(rows)
     resume = resume_for(model, sub, *what) if what is not None else None
-    # the head runs even for observers alone: the output head's input is a matmul input too
+    # observers alone see the output head's input (a matmul input too); fitness needs logits
     StreamingExecutor(model, device, numerics, observer=observer, progress=progress).run(
-        sub.ids, sub.mask, part.consume if part is not None else lambda r, logits: None, resume)
+        sub.ids, sub.mask, part.consume if part is not None else HEAD_INPUT, resume)
     if observer is not None:
         observer.attach(None)
     return observer, part

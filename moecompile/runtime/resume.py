@@ -9,13 +9,20 @@ computes the same numbers, so the output is byte-identical to an uninterrupted r
 before that block is redone. States live in the user's cache folder (XDG_CACHE_HOME, else
 ~/.cache, `moecompile/resume/KEY/`), never beside the output, and are removed when the pass
 completes (GPTQModel's and ModelOpt's per-layer checkpoints; shared/research/scale.md §6.11).
+
+A state is written by one background thread while the pass computes the next block (a copy is
+taken first, so the pass may change its own): writing a 16-layer OLMoE pass's states in its own
+thread took 2.4 s of its 44. Writes are done in order, and every read of a state waits for
+the writes before it; Ctrl-C lets the write under way finish (the process waits for it at exit).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,6 +30,7 @@ import torch
 from .. import __version__, ir
 
 ENV = "MOECOMPILE_RESUME_DIR"
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompile-resume")
 
 
 def cache_root() -> Path:
@@ -60,6 +68,7 @@ class Resume:
         self.file = self.folder / "state.pt"
 
     def load(self) -> dict | None:
+        flush()
         if not self.file.exists():
             return None
         try:
@@ -68,6 +77,13 @@ class Resume:
             return None
 
     def save(self, state: dict) -> None:
+        """Write `state` (a copy of it, taken now) in the background, once the last write of
+        this pass is done (its error, if any, is raised here)."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = _WRITER.submit(self._write, _snapshot(state))
+
+    def _write(self, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_suffix(f".tmp-{os.getpid()}")
         try:
@@ -77,7 +93,29 @@ class Resume:
             tmp.unlink(missing_ok=True)
 
     def done(self) -> None:
+        flush()
+        if self._pending is not None:
+            self._pending.result()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    _pending = None  # this pass's last write
+
+
+def _snapshot(value):
+    """A copy of a state that later changes to the original cannot reach: containers rebuilt,
+    tensors cloned (deepcopy's Python path per tensor cost 1 s of a 16-layer pass)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def flush() -> None:
+    """Wait for every state write submitted so far."""
+    _WRITER.submit(lambda: None).result()
 
 
 def resume_for(model: ir.Model, calib, *what) -> Resume:

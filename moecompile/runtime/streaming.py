@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -39,9 +40,15 @@ from .resume import Resume
 
 SEQUENCE_BATCH = 8  # sequences per attention batch
 HEAD_ROWS = 2048  # tokens per output-head chunk (vocab x rows float32 logits at a time)
+
+
+def HEAD_INPUT(rows: torch.Tensor, logits: torch.Tensor) -> None:
+    """`StreamingExecutor.run(head=HEAD_INPUT)`: show observers the output head's input (a
+    matmul input like any other), compute no logits."""
 # float32 weight bytes above which passes and verification stream (MOECOMPILE_STREAM_ABOVE
 # sets it: 0 streams every model, e.g. on a machine with little memory)
 STREAM_ABOVE = int(os.environ.get("MOECOMPILE_STREAM_ABOVE", 2 * 2**30))
+_ADVISER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompile-readahead")
 
 
 def float32_bytes(model: ir.Model) -> int:
@@ -150,14 +157,15 @@ class StreamingExecutor(ReferenceExecutor):
         self._cache.clear()
 
     def advise(self, i: int) -> None:
-        """Ask the kernel to read block i's checkpoint bytes ahead of their use."""
+        """Ask the kernel to read block i's checkpoint bytes ahead of their use, from another
+        thread: the advice itself waits for the disk when the bytes are not cached (5 s of a
+        16-layer OLMoE pass read from a cold cache)."""
         if not self.prefetch or i >= len(self.model.blocks):
             return
         prefix = f"blocks.{i}."
-        for path, tensor in self.tensors.items():
-            if path.startswith(prefix):
-                for info in _loads(tensor):
-                    info.advise()
+        infos = [info for path, tensor in self.tensors.items() if path.startswith(prefix)
+                 for info in _loads(tensor)]
+        _ADVISER.submit(lambda: [info.advise() for info in infos])
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -179,14 +187,19 @@ class StreamingExecutor(ReferenceExecutor):
             resume: "Resume | None" = None) -> torch.Tensor:
         """Run the model over every sequence, block by block. `head(rows, logits)` receives
         the logits of real tokens in chunks (`rows`: their indices in the flattened (B*T)
-        batch); without it the head is not computed. With `resume` (runtime/resume.py) the
-        state after each block is saved, and a saved state is continued from. Returns the
-        final hidden states (B, T, D)."""
+        batch); with `head=HEAD_INPUT` the observer is shown the head's input and no logits
+        are computed (the head is 2.7 s of a 16-layer OLMoE calibration pass); without it
+        the head is not run. With `resume` (runtime/resume.py) the state after each block is
+        saved, and a saved state is continued from. Returns the final hidden states (B, T, D)."""
         ids = torch.as_tensor(ids, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         h, mask, positions = self.embed(ids, attention_mask)
         real = (torch.ones(ids.shape, dtype=torch.bool, device=self.device)
                 if attention_mask is None else torch.as_tensor(attention_mask).bool().to(self.device))
+        # the real tokens' rows of the flattened states, gathered by index (a boolean mask is
+        # slower); with no padding every row is real and blocks pass states on without a copy
+        rows = real.reshape(-1).nonzero(as_tuple=True)[0]
+        padded = len(rows) < real.numel()
         self.release()
         start = 0
         saved = resume.load() if resume is not None else None
@@ -198,16 +211,21 @@ class StreamingExecutor(ReferenceExecutor):
                    disable=self.progress is None)
         for i in range(start, len(self.model.blocks)):
             self.advise(i + 1)
-            h_in = h[real]
+            # attention writes a new tensor, so the block's input stays as it was
+            after = torch.empty_like(h)
             for s in range(0, h.shape[0], b):
                 self.real_rows = real[s:s + b].reshape(-1)
-                h[s:s + b] = self.attention_residual(i, h[s:s + b], mask[s:s + b],
-                                                     positions[s:s + b])
+                after[s:s + b] = self.attention_residual(i, h[s:s + b], mask[s:s + b],
+                                                         positions[s:s + b])
             self.real_rows = None
-            h_mid = h[real]
+            h_in, h_mid = (_real(z, rows, padded) for z in (h, after))
             h_out = self.ffn_residual(i, h_mid)
-            h[real] = h_out
             self.observer.block(i, h_in, h_mid, h_out)
+            if padded:  # padding keeps its state after attention (no FFN ever sees it)
+                after.view(-1, after.shape[-1]).index_copy_(0, rows, h_out)
+                h = after
+            else:
+                h = h_out.view(h.shape)
             self.release()
             self.blocks_run += 1
             bar.update(1)
@@ -215,12 +233,14 @@ class StreamingExecutor(ReferenceExecutor):
                 resume.save({"h": h.cpu(), "next": i + 1, "observer": self.observer.state()})
         bar.close()
         if head is not None:
-            rows = real.reshape(-1).nonzero(as_tuple=True)[0]
             flat = h.reshape(-1, h.shape[-1])
             for start in range(0, len(rows), HEAD_ROWS):
                 chunk = rows[start:start + HEAD_ROWS]
                 normed = self.norm(flat[chunk], "final_norm")
-                head(chunk, self.linear(normed, "lm_head"))
+                if head is HEAD_INPUT:
+                    self.numerics.input("lm_head", normed)
+                else:
+                    head(chunk, self.linear(normed, "lm_head"))
             self.release()
         if resume is not None:
             resume.done()
@@ -237,6 +257,12 @@ class StreamingExecutor(ReferenceExecutor):
 
     def observe_expert(self, i, e, rows, out, weights, idx) -> None:
         self.observer.expert(i, e, rows, out, weights, idx)
+
+
+def _real(h: torch.Tensor, rows: torch.Tensor, padded: bool) -> torch.Tensor:
+    """The real tokens' states (N, D) of h (B, T, D): a view when there is no padding."""
+    flat = h.view(-1, h.shape[-1])
+    return flat.index_select(0, rows) if padded else flat
 
 
 def _loads(tensor: ir.Tensor):

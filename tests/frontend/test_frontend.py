@@ -10,14 +10,39 @@ from moecompile.testing.models import ARCHS
 def test_load_reads_no_tensor_data(tiny_model, monkeypatch):
     from moecompile.frontend import checkpoint
 
-    opened = []
-    real_safe_open = checkpoint.safe_open
-    monkeypatch.setattr(checkpoint, "safe_open",
-                        lambda *a, **k: opened.append(a[0]) or real_safe_open(*a, **k))
+    read = []
+    for name in ("safe_open", "_read_part"):  # the two ways Checkpoint.read reaches data
+        real = getattr(checkpoint, name)
+        monkeypatch.setattr(checkpoint, name,
+                            lambda *a, real=real, **k: read.append(a[0]) or real(*a, **k))
     model = frontend.load(tiny_model("mixtral"))
-    assert opened == [], "building the IR must not open tensor data"
+    assert read == [], "building the IR must not read tensor data"
     model.blocks[0].ffn.experts[3].down.value()
-    assert len(opened) == 1
+    assert len(read) == 1
+
+
+def test_reads_give_what_safetensors_gives(tmp_path):
+    """Whole tensors of every dtype, a leading-index part, a scalar, an empty tensor and a
+    sliced part (safetensors' own reader) equal what safetensors wrote; a read tensor is the
+    caller's own."""
+    from safetensors.torch import save_file
+
+    from moecompile.frontend.checkpoint import open_checkpoint
+
+    (tmp_path / "config.json").write_text("{}")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, 5, generator=g).to(torch.bfloat16),
+               "b": torch.randn(7, generator=g), "c": torch.randn(2, 3, generator=g).half(),
+               "s": torch.tensor(3.0), "e": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ck = open_checkpoint(tmp_path)
+    for key, value in tensors.items():
+        assert ck.read(key).dtype == value.dtype and torch.equal(ck.read(key), value), key
+    for index in [(1,), (2, 3), (-1,), (slice(0, 2),), (1, slice(1, 3))]:
+        assert torch.equal(ck.read("a", index), tensors["a"][index]), index
+    mine = ck.read("b")
+    mine += 1
+    assert torch.equal(ck.read("b"), tensors["b"])
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
