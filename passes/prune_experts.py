@@ -20,12 +20,12 @@ import time
 from moecompile import ir
 from moecompile.analysis import baselines
 from moecompile.analysis.eep import EEPConfig, search
-from moecompile.analysis.expert_plan import apply_plans, moe_layers
+from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
 from moecompile.analysis.fitness import StreamingFitness
-from moecompile.analysis.observers import RouterObserver
+from moecompile.analysis.observers import Observers, RouterObserver
 from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
-from moecompile.runtime.streaming import streams
+from moecompile.runtime.streaming import Observer, streams
 
 from .base import Pass, PassContext, PassResult
 
@@ -117,22 +117,34 @@ class PruneExperts(Pass):
 
     def _run_streaming(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """The same pass for a model too large to hold as float32: one layer-major pass of
-        the original gathers the router statistics (and its fitness), the baseline chooses from
-        them, a second pass measures the pruned model's fitness. EEP and reconstruct need a
-        forward per candidate or per subset and are refused here with the alternatives."""
+        the original gathers the router statistics (and its fitness; for reconstruct, every
+        subset's layer-local error: NAEE's search), the baseline chooses from them, a second
+        pass measures the pruned model's fitness. EEP runs the model once per candidate and is
+        refused here with the alternatives."""
         n_experts = check_request(model, self.n_keep, self.method)
-        if self.method in ("eep", "reconstruct"):
-            raise UserError(f"--prune-method {self.method} runs the model once per candidate "
-                            "and does not run at this size yet; use frequency, mass or reap "
-                            "(one streaming pass each)")
+        if self.method == "eep":
+            raise UserError("--prune-method eep runs the model once per candidate and does not "
+                            "run at this size yet; use reconstruct (NAEE's layer-local search: "
+                            "each layer's subsets scored on its own output, one streaming pass) "
+                            "or frequency, mass or reap (one streaming pass each)")
         t0 = time.monotonic()
         calib = ctx.calibration(model, "--experts")
+        router = RouterObserver()
+        observer: Observer = router
+        if self.method == "reconstruct":
+            subsets = baselines.ReconstructionObserver(model, calib, self.n_keep, ctx.seed)
+            observer = Observers(router, subsets)
         # both passes split the calibration examples over the engine's workers
-        router, original = stream(ctx.engine, model, calib, RouterObserver(),
-                                  StreamingFitness(calib), what=("router",),
-                                  progress="router statistics" if ctx.progress else None)
-        plans = baselines.choose(self.method, model, baselines.stats_from(router), self.n_keep,
-                                 ctx.seed, ctx.device)
+        _, original = stream(ctx.engine, model, calib, observer, StreamingFitness(calib),
+                             what=("router",) if self.method != "reconstruct" else
+                             ("router", self.method, self.n_keep, ctx.seed),
+                             progress="router statistics" if ctx.progress else None)
+        if self.method == "reconstruct":
+            plans = {layer: keep_plan(subsets.best(layer), model.blocks[layer].ffn.n_experts)
+                     for layer in moe_layers(model)}
+        else:
+            plans = baselines.choose(self.method, model, baselines.stats_from(router),
+                                     self.n_keep, ctx.seed, ctx.device)
         pruned = apply_plans(model, plans, router_mode=self.router_mode)
         _, after = stream(ctx.engine, pruned, calib, None,
                           StreamingFitness(calib, original if calib.kind == "text" else None),

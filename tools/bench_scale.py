@@ -11,7 +11,8 @@ the model) at each depth, and each command runs in a fresh process:
 - quant: `--quant q4_k` (verified);
 - budget: `--budget` set to 60% of the lossless file's memory (types chosen by the layer-local
   sensitivity; verified);
-- frequency / reap: `--experts 32 --prune-method frequency|reap --no-verify`;
+- frequency / reap / reconstruct: `--experts 32 --prune-method frequency|reap|reconstruct
+  --no-verify` (reconstruct: NAEE's layer-local search over sampled subsets);
 - eep / topk: `--experts 32` (EEP) and `--top-k 4` (search): refused at this size, recorded.
 
 Memory is measured twice per run: moecompile's own process (RUSAGE_SELF at its exit) and the
@@ -72,7 +73,9 @@ read = time.perf_counter() - t
 t = time.perf_counter()
 collect_streaming(model, calib, paths)
 wall = time.perf_counter() - t
-active = sum(t.numel for p, t in model.tensors() if ".experts." not in p and p != "embed")
+# the matmuls the pass computes: the head's input is observed, its logits are never needed
+active = sum(t.numel for p, t in model.tensors()
+             if ".experts." not in p and p not in ("embed", "lm_head"))
 active += sum(t.numel for p, t in model.tensors() if ".experts.0." in p) * model.blocks[0].ffn.top_k
 flops = 2 * active * calib.n_tokens
 print(json.dumps({"tokens": calib.n_tokens, "gemm_gflops": gemm / 1e9, "read_s": read,
@@ -101,6 +104,7 @@ def commands(lossless_bytes: int) -> dict[str, list[str]]:
         "budget": ["--budget", str(int(0.6 * lossless_bytes))],
         "frequency": ["--experts", "32", "--prune-method", "frequency", "--no-verify"],
         "reap": ["--experts", "32", "--prune-method", "reap", "--no-verify"],
+        "reconstruct": ["--experts", "32", "--prune-method", "reconstruct", "--no-verify"],
         "eep": ["--experts", "32", "--no-verify"],
         "topk": ["--top-k", "4", "--no-verify"],
     }

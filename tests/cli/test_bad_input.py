@@ -272,3 +272,24 @@ def test_ctrl_c_at_real_size_resumes_to_the_same_bytes(tiny_model, tmp_path, mon
     assert main(argv + ["-o", str(out / "m.gguf")]) == 0
     assert (out / "m.gguf").read_bytes() == (tmp_path / "clean.gguf").read_bytes()
     assert not list((tmp_path / "resume").iterdir())
+
+
+def test_eep_at_real_size_is_refused_with_the_layer_local_search(tiny_model, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Above the streaming threshold (forced here) EEP, which runs the model per candidate,
+    exits 2 before any pass and names what runs instead; reconstruct (NAEE, layer-local)
+    then compiles."""
+    from moecompile.cli import main
+    from moecompile.runtime import streaming
+
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    folder = tiny_model("mixtral")
+    capsys.readouterr()  # the fixture's own output
+    argv = [str(folder), "--experts", "6", "--calib", "add", "--calib-n", "2", "--no-verify",
+            "--quiet"]
+    assert main(argv + ["-o", str(tmp_path / "eep.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reconstruct" in err and "eep" in err
+    assert not (tmp_path / "eep.gguf").exists()
+    assert main(argv + ["--prune-method", "reconstruct", "-o", str(tmp_path / "r.gguf")]) == 0
+    assert (tmp_path / "r.gguf").stat().st_size > 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moecompile import frontend
+from moecompile.analysis.baselines import ReconstructionObserver
 from moecompile.analysis.calibration import build_calib
 from moecompile.analysis.fitness import StreamingFitness
 from moecompile.analysis.neurons import NeuronObserver, mlp_paths
@@ -77,6 +78,24 @@ def test_neuron_statistics_of_merged_shards_equal_the_single_run(ray_engine, set
             for a, b in ((g.sums[h], w.sums[h]), (g.diag[h], w.diag[h])):
                 assert (a - b).abs().max() <= 1e-6 * b.abs().max(), (prefix, h)
             assert g.weights[h] == pytest.approx(w.weights[h], rel=1e-6)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_reconstruction_errors_of_merged_shards_equal_the_single_run(ray_engine, setup, shards,
+                                                                     like_a_worker):
+    """NAEE's per-example errors of every subset (4 experts keep 2: all 6) merge by addition:
+    each example stays whole in one shard, so the same subsets win."""
+    model, calib, _ = setup
+    want = ReconstructionObserver(model, calib, 2, seed=0)
+    like_a_worker(lambda: StreamingExecutor(model, "cpu", observer=want).run(
+        calib.ids, calib.mask, lambda r, logits: None))
+    got, _ = stream(ray_engine, model, calib, ReconstructionObserver(model, calib, 2, seed=0),
+                    shards=shards)
+    assert want.squares.keys() == got.squares.keys() and len(want.squares) == 2
+    for layer, w in want.squares.items():
+        assert w.shape == (6, calib.n_examples) and (w > 0).all()
+        assert (got.squares[layer] - w).abs().max() <= 1e-6 * w.max(), layer
+        assert got.best(layer) == want.best(layer)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])

@@ -203,11 +203,12 @@ def test_user_calibration_files_and_top_k_clamp(tiny_model, tmp_path):
     assert all(b.ffn.top_k == 1 for b in pruned.blocks)
 
 
-@pytest.mark.parametrize("method", ["frequency", "mass", "reap"])
+@pytest.mark.parametrize("method", ["frequency", "mass", "reap", "reconstruct"])
 def test_streaming_pass_chooses_and_scores_as_the_token_major_one(tiny_model, calib_of,
                                                                   monkeypatch, method):
-    """Above the streaming threshold, one layer-major pass gathers the statistics and another
-    scores the result: the same experts, the same fitness."""
+    """Above the streaming threshold, one layer-major pass gathers the statistics (for
+    reconstruct, every subset's error; 4 experts keep 2: all 6 subsets) and another scores
+    the result: the same experts, the same fitness."""
     from moecompile.runtime import streaming
 
     model = frontend.load(tiny_model("qwen2_moe"))
