@@ -66,7 +66,7 @@ def passes_for(options: Options, router_mode: str) -> list[Pass]:
     them in any order)."""
     evaluations, seconds = options.search_length
     config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed,
-                       batch=options.batch)
+                       batch=options.batch, asked=options.search_budget is not None)
     out: list[Pass] = []
     if options.experts is not None:
         out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
@@ -300,7 +300,8 @@ class PassVariants(VariantSource):
         if experts not in self.pruned:
             evaluations, seconds = self.options.search_length
             config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=self.options.seed,
-                               batch=self.options.batch)
+                               batch=self.options.batch,
+                               asked=self.options.search_budget is not None)
             prune = PruneExperts(experts, self.options.prune_method, config, self.router_mode)
             self.pruned[experts], _ = PassManager([prune]).run(self.model, self.ctx)
         passes_run.append(f"{experts} experts ({self.options.prune_method})")

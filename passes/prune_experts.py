@@ -15,13 +15,16 @@ MoE layer has `n_keep` experts and top-k at most `n_keep`.
 
 from __future__ import annotations
 
+import sys
 import time
+
+from tqdm import tqdm
 
 from moecompile import ir
 from moecompile.analysis import baselines
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
-from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.fitness import StreamingFitness, plan_key
 from moecompile.analysis.observers import Observers, RouterObserver
 from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
@@ -31,6 +34,17 @@ from .base import Pass, PassContext, PassResult
 
 METHODS = ("eep",) + baselines.BASELINES
 HISTORY_POINTS = 50  # fitness history kept in the report, evenly subsampled
+# a default-length EEP search at real size expected to take longer is refused with the ways
+# to bound it (a search the user sized with --search-budget runs, its ETA printed)
+ETA_LIMIT = 3600.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def check_request(model: ir.Model, n_keep: int, method: str) -> int:
@@ -117,57 +131,107 @@ class PruneExperts(Pass):
 
     def _run_streaming(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """The same pass for a model too large to hold as float32: one layer-major pass of
-        the original gathers the router statistics (and its fitness; for reconstruct, every
-        subset's layer-local error: NAEE's search), the baseline chooses from them, a second
-        pass measures the pruned model's fitness. EEP runs the model once per candidate and is
-        refused here with the alternatives."""
+        the original gathers the router statistics and its fitness (for reconstruct and EEP's
+        starts, every subset's layer-local error: NAEE's search), the baseline chooses from
+        them, a second pass measures the pruned model's fitness. EEP scores each candidate
+        with a streaming pass of its own (`_search_streaming`)."""
         n_experts = check_request(model, self.n_keep, self.method)
-        if self.method == "eep":
-            raise UserError("--prune-method eep runs the model once per candidate and does not "
-                            "run at this size yet; use reconstruct (NAEE's layer-local search: "
-                            "each layer's subsets scored on its own output, one streaming pass) "
-                            "or frequency, mass or reap (one streaming pass each)")
         t0 = time.monotonic()
         calib = ctx.calibration(model, "--experts")
         router = RouterObserver()
         observer: Observer = router
-        if self.method == "reconstruct":
+        subsets = None
+        if self.method in ("reconstruct", "eep"):
             subsets = baselines.ReconstructionObserver(model, calib, self.n_keep, ctx.seed)
             observer = Observers(router, subsets)
         # both passes split the calibration examples over the engine's workers
         _, original = stream(ctx.engine, model, calib, observer, StreamingFitness(calib),
-                             what=("router",) if self.method != "reconstruct" else
-                             ("router", self.method, self.n_keep, ctx.seed),
+                             what=("router",) if subsets is None else
+                             ("router", "subsets", self.n_keep, ctx.seed),
                              progress="router statistics" if ctx.progress else None)
-        if self.method == "reconstruct":
-            plans = {layer: keep_plan(subsets.best(layer), model.blocks[layer].ffn.n_experts)
-                     for layer in moe_layers(model)}
+        starts = {name: self._streaming_choice(name, model, router, subsets, ctx)
+                  for name in (baselines.EEP_STARTS if self.method == "eep" else [self.method])}
+
+        scored: dict[tuple, float] = {}  # a candidate's fitness, by its plans
+
+        def fitness(plans: dict) -> float:
+            key = tuple(plan_key(plans.get(layer)) for layer in moe_layers(model))
+            if key not in scored:
+                _, after = stream(ctx.engine, apply_plans(model, plans, self.router_mode), calib,
+                                  None, StreamingFitness(calib, original if calib.kind == "text"
+                                                         else None))
+                scored[key] = after.value()
+            return scored[key]
+
+        search_report: dict = {}
+        if self.method == "eep":
+            plans = self._search_streaming(starts, fitness, n_experts, model, ctx, search_report)
         else:
-            plans = baselines.choose(self.method, model, baselines.stats_from(router),
-                                     self.n_keep, ctx.seed, ctx.device)
-        pruned = apply_plans(model, plans, router_mode=self.router_mode)
-        _, after = stream(ctx.engine, pruned, calib, None,
-                          StreamingFitness(calib, original if calib.kind == "text" else None),
-                          # the key names the pruning: the pruned model's history is the
-                          # original's until this pass returns
-                          what=("fitness", self.name, self.method, self.n_keep,
-                                self.router_mode, ctx.seed),
-                          progress="pruned model's fitness" if ctx.progress else None)
-        layers = moe_layers(model)
+            plans = starts[self.method]
         report = {"pass": self.name, "method": self.method, "experts": self.n_keep,
                   "experts_before": n_experts, "calib": calib.spec,
                   "calib_examples": calib.n_examples,
                   "fitness_kind": "accuracy" if calib.kind == "tasks" else "neg_kl",
                   "seed": ctx.seed, "executor": "streaming",
                   "fitness_unpruned": round(original.value(), 6),
-                  "fitness": round(after.value(), 6),
+                  "fitness": round(fitness(plans), 6),
                   "coverage": router.coverage(),
                   "seconds": round(time.monotonic() - t0, 2),
-                  "layers": {str(layer): plan.to_dict() for layer, plan in plans.items()}}
-        top_k = model.blocks[layers[0]].ffn.top_k
+                  "layers": {str(layer): plan.to_dict() for layer, plan in plans.items()},
+                  **search_report}
+        pruned = apply_plans(model, plans, router_mode=self.router_mode)
+        top_k = model.blocks[moe_layers(model)[0]].ffn.top_k
         if self.n_keep < top_k:
             report["top_k_clamped"] = [top_k, self.n_keep]
         return PassResult(pruned, True, report)
+
+    def _streaming_choice(self, method: str, model: ir.Model, router, subsets,
+                          ctx: PassContext) -> dict:
+        """A baseline's plans from the streaming pass's statistics."""
+        if method == "reconstruct":
+            return {layer: keep_plan(subsets.best(layer), model.blocks[layer].ffn.n_experts)
+                    for layer in moe_layers(model)}
+        return baselines.choose(method, model, baselines.stats_from(router), self.n_keep,
+                                ctx.seed, ctx.device)
+
+    def _search_streaming(self, starts: dict, fitness, n_experts: int, model: ir.Model,
+                          ctx: PassContext, report: dict) -> dict:
+        """EEP at real size: each candidate is the pruned model scored by one streaming pass
+        (memory follows one block; the pass's token shards go to the engine's workers). The
+        first start is scored before the search (which then finds it scored), so the search's
+        time is printed before it starts, and a default-length search that would take longer
+        than `ETA_LIMIT` is refused with what bounds it instead (--search-budget, or
+        reconstruct: NAEE's layer-local search)."""
+        config = self.config or EEPConfig(seed=ctx.seed)
+        t0 = time.monotonic()
+        fitness(next(iter(starts.values())))
+        each_seconds = time.monotonic() - t0
+        each = (f"EEP at this size scores each candidate with one streaming pass "
+                f"(~{each_seconds:.0f} s measured)")
+        if config.seconds is not None:
+            eta, line = config.seconds, f"{each}: the search runs for {_duration(config.seconds)}"
+        else:
+            eta = config.evaluations * each_seconds
+            line = f"{each}: {config.evaluations} evaluations take about {_duration(eta)}"
+        if eta > ETA_LIMIT and not config.asked:
+            fits = max(1, int(ETA_LIMIT // max(each_seconds, 1e-9)))
+            raise UserError(f"{line}; bound the search with --search-budget (e.g. {fits} or "
+                            "60m) or use --prune-method reconstruct (NAEE's layer-local search, "
+                            "one pass)")
+        if ctx.progress:
+            tqdm.write(line, file=sys.stderr)
+        result = search(fitness, moe_layers(model), n_experts, self.n_keep, starts, config,
+                        self.router_mode, ctx.progress)
+        report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
+        report["phase1_best"] = round(result.phase1_best, 6)
+        report["evaluations"] = result.evaluations
+        report["search_batch"] = config.batch
+        report["seconds_per_evaluation"] = round(result.seconds / max(result.evaluations, 1), 2)
+        report["eta_seconds"] = round(eta, 1)
+        step = max(1, len(result.history) // HISTORY_POINTS)
+        report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
+        report["router_mode"] = self.router_mode
+        return result.plans
 
     def summary(self, report: dict) -> str:
         line = (f"pruned to {report['experts']} of {report['experts_before']} experts per layer "

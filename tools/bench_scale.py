@@ -13,7 +13,9 @@ the model) at each depth, and each command runs in a fresh process:
   sensitivity; verified);
 - frequency / reap / reconstruct: `--experts 32 --prune-method frequency|reap|reconstruct
   --no-verify` (reconstruct: NAEE's layer-local search over sampled subsets);
-- eep / topk: `--experts 32` (EEP) and `--top-k 4` (search): refused at this size, recorded.
+- eep: `--experts 32 --search-budget 10 --no-verify` (each candidate one streaming pass; the
+  default 400 evaluations are refused at this size with their measured ETA, also recorded as
+  eep-default); topk: `--top-k 4` (search), refused at this size, recorded.
 
 Memory is measured twice per run: moecompile's own process (RUSAGE_SELF at its exit) and the
 largest child it started (llama.cpp's verification process, which maps the whole file: what
@@ -105,7 +107,8 @@ def commands(lossless_bytes: int) -> dict[str, list[str]]:
         "frequency": ["--experts", "32", "--prune-method", "frequency", "--no-verify"],
         "reap": ["--experts", "32", "--prune-method", "reap", "--no-verify"],
         "reconstruct": ["--experts", "32", "--prune-method", "reconstruct", "--no-verify"],
-        "eep": ["--experts", "32", "--no-verify"],
+        "eep": ["--experts", "32", "--search-budget", "10", "--no-verify"],
+        "eep-default": ["--experts", "32", "--no-verify"],
         "topk": ["--top-k", "4", "--no-verify"],
     }
 

@@ -68,6 +68,7 @@ class EEPConfig:
     parents_rank: int = 6
     batch: int = 1  # children made from one archive state (see search)
     seed: int = SEED
+    asked: bool = False  # the length came from the user (--search-budget), not the default
 
 
 @dataclass

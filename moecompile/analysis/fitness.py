@@ -70,7 +70,7 @@ class FitnessEvaluator:
 
     @torch.no_grad()
     def logits(self, plans: dict[int, LayerPlan]) -> torch.Tensor:
-        keys = [_plan_key(plans.get(i)) for i in self.layers]
+        keys = [plan_key(plans.get(i)) for i in self.layers]
         start, h = self.first, self.h_first
         # the deepest cached block boundary whose state this candidate shares
         for pos in range(len(self.layers) - 1, 0, -1):
@@ -151,7 +151,8 @@ class FitnessEvaluator:
         return (out if shared is None else out + shared).reshape(shape)
 
 
-def _plan_key(plan: LayerPlan | None) -> bytes:
+def plan_key(plan: LayerPlan | None) -> bytes:
+    """A digest of a layer's merge and router matrices (b'' for an unplanned layer)."""
     if plan is None:
         return b""
     digest = hashlib.blake2b(digest_size=16)

@@ -274,22 +274,27 @@ def test_ctrl_c_at_real_size_resumes_to_the_same_bytes(tiny_model, tmp_path, mon
     assert not list((tmp_path / "resume").iterdir())
 
 
-def test_eep_at_real_size_is_refused_with_the_layer_local_search(tiny_model, tmp_path,
-                                                                  monkeypatch, capsys):
-    """Above the streaming threshold (forced here) EEP, which runs the model per candidate,
-    exits 2 before any pass and names what runs instead; reconstruct (NAEE, layer-local)
-    then compiles."""
+def test_a_long_eep_at_real_size_is_refused_with_its_eta(tiny_model, tmp_path, monkeypatch,
+                                                         capsys):
+    """Above the streaming threshold (forced here) EEP scores each candidate with a streaming
+    pass; a default-length search whose measured ETA is over the limit (0 here) exits 2 in one
+    line with the time and what bounds it, leaving no output; sized with --search-budget it
+    compiles, and so does reconstruct (NAEE's layer-local search)."""
     from moecompile.cli import main
+    from moecompile.passes import prune_experts
     from moecompile.runtime import streaming
 
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(prune_experts, "ETA_LIMIT", 0.0)
     folder = tiny_model("mixtral")
     capsys.readouterr()  # the fixture's own output
     argv = [str(folder), "--experts", "6", "--calib", "add", "--calib-n", "2", "--no-verify",
             "--quiet"]
     assert main(argv + ["-o", str(tmp_path / "eep.gguf")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "reconstruct" in err and "eep" in err
-    assert not (tmp_path / "eep.gguf").exists()
+    assert len(err.splitlines()) == 1 and "evaluations take about" in err
+    assert "--search-budget" in err and "reconstruct" in err
+    assert list(tmp_path.iterdir()) == []
+    assert main(argv + ["--search-budget", "4", "-o", str(tmp_path / "e.gguf")]) == 0
     assert main(argv + ["--prune-method", "reconstruct", "-o", str(tmp_path / "r.gguf")]) == 0
-    assert (tmp_path / "r.gguf").stat().st_size > 0
+    assert (tmp_path / "e.gguf").stat().st_size > 0 and (tmp_path / "r.gguf").stat().st_size > 0

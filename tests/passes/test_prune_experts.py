@@ -222,6 +222,46 @@ def test_streaming_pass_chooses_and_scores_as_the_token_major_one(tiny_model, ca
     assert large["coverage"]["least_routed"] >= 0
 
 
+@pytest.mark.parametrize("router_mode", ["onehot", "exact"])
+def test_streaming_eep_searches_as_the_token_major_one(tiny_model, calib_of, monkeypatch,
+                                                       router_mode):
+    """EEP above the streaming threshold scores each candidate with a streaming pass: from the
+    same starts (NAEE's reconstruct among them, from the one pass) the same search takes the
+    same steps to the same experts and merge weights (both phases: 40 evaluations)."""
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("qwen3_moe"))
+    calib = calib_of(model)
+    config = EEPConfig(evaluations=40, discrete_evals=20, seed=3)
+    run = PruneExperts(2, "eep", config, router_mode)
+    _, small = apply(run, model, calib, 32, progress=False)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    _, large = apply(run, model, calib, 32, progress=False)
+    assert large["executor"] == "streaming" and large["evaluations"] == small["evaluations"]
+    assert large["baseline_fitness"] == pytest.approx(small["baseline_fitness"], abs=1e-5)
+    assert large["layers"] == small["layers"]
+    assert large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
+    assert large["eta_seconds"] > 0 and large["seconds_per_evaluation"] > 0
+
+
+def test_a_long_streaming_eep_is_refused_unless_sized(tiny_model, calib_of, monkeypatch):
+    """A default-length search whose measured ETA is over the limit stops with the ways to
+    bound it; one the user sized (--search-budget) runs."""
+    from moecompile.errors import UserError
+    from moecompile.passes import prune_experts as module
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("olmoe"))
+    calib = calib_of(model)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(module, "ETA_LIMIT", 0.0)
+    with pytest.raises(UserError, match="--search-budget.*reconstruct"):
+        prune_experts(model, 2, "eep", calib, config=EEPConfig(evaluations=400))
+    _, report = prune_experts(model, 2, "eep", calib,
+                              config=EEPConfig(evaluations=6, asked=True))
+    assert report["evaluations"] == 6
+
+
 def test_streaming_text_fitness_is_the_top_k_kl(tiny_model, tmp_path, monkeypatch):
     from moecompile.runtime import streaming
 
