@@ -147,6 +147,8 @@ def table(rows: list[dict], depths: list[int]) -> str:
         lines.append(f"| {r['command']} | {r['depth']} | {r['rc']} | {r['wall_s']:.0f} | "
                      f"{r['self_gib']:.2f} | {r['child_gib']:.2f} | {note} |")
     lo, hi = min(depths), max(depths)
+    if lo == hi:  # one depth: no per-layer cost
+        return "\n".join(lines)
     lines += ["", "| command | per layer s | per layer GiB (moecompile) | peak at "
               f"{hi} / at {lo} layers | extrapolated s: OLMoE 16 / Qwen3-30B 48 / Mixtral 32 |",
               "|---|---:|---:|---:|---|"]

@@ -15,7 +15,9 @@ shared/research/eep.md §6):
 - reconstruct: per layer, the subset whose layer output best reconstructs the original
   output (NAEE, "Not All Experts are Equal"): every subset is tried (at most `MAX_SUBSETS`,
   sampled with the seed beyond that), scored by the sum over calibration examples of the
-  Frobenius norm of the output difference, with inputs from the unpruned model.
+  Frobenius norm of the output difference, with inputs from the unpruned model (through the
+  experts' Gram matrices, `subset_squares`; for a model that streams, in its one pass:
+  `ReconstructionObserver`).
 """
 
 from __future__ import annotations
@@ -116,14 +118,6 @@ def collect_layer_io(model: ir.Model, calib: CalibSet, device: str = "cpu") -> d
         shared = ex.shared_expert(i, x)
         h = h + (routed if shared is None else routed + shared).reshape(h.shape)
     return out
-
-
-def _mix(moe: ir.MoE, logits: torch.Tensor, kept: list[int],
-         expert_out: torch.Tensor) -> torch.Tensor:
-    """The routed output with only `kept` experts available: their router rows sliced, as the
-    pruned model routes; `expert_out` (E, N, D) holds every expert's output on every token."""
-    idx, weights = route(moe, logits[:, kept], top_k=min(moe.top_k, len(kept)))
-    return combine_experts(expert_out[0], idx, weights, lambda slot, rows: expert_out[kept[slot], rows])
 
 
 def choose(method: str, model: ir.Model, io: dict, n_keep: int,
@@ -235,19 +229,26 @@ def _least_loss(subsets: list[list[int]], squares: torch.Tensor) -> list[int]:
 
 class ReconstructionObserver(Observer):
     """`reconstruct` for a model that streams (runtime/streaming.py): during one layer-major
-    pass of the original, each MoE layer's input is run through every expert, `CHUNK_BYTES`
-    of outputs at a time (the experts' weights are read once per chunk), and each candidate
-    subset's squared output error is summed per calibration example (`subset_squares`) —
-    sums, so token shards merge by addition. `best(layer)` then takes the subset the
-    token-major search takes: the same subsets, the same loss."""
+    pass of the original, each MoE layer's input (of the first examples holding `TOKENS`
+    tokens) is run through every expert, `CHUNK_BYTES` of outputs at a time (the experts'
+    weights are read once per chunk), and each candidate subset's squared output error is
+    summed per calibration example (`subset_squares`) — sums, so token shards merge by
+    addition. `best(layer)` then takes the subset the token-major search takes on those
+    tokens: the same subsets, the same loss."""
 
     CHUNK_BYTES = 512 * 2**20  # every expert's output on a chunk of tokens, float32
+    TOKENS = 1024  # at least this many tokens, of the first examples, are reconstructed
 
     def __init__(self, model: ir.Model, calib: CalibSet, n_keep: int, seed: int):
         self.layers = {i: model.blocks[i].ffn for i in moe_layers(model)}
         self.subsets = {i: _subsets(moe.n_experts, n_keep, seed) for i, moe in self.layers.items()}
         self.n_examples = calib.n_examples
         self.examples = example_of_tokens(calib)  # of each real token, in the whole set
+        # every expert on every token costs E/k times the routed forward, and 2000 subsets are
+        # scored on each (OLMoE, 4096 tokens: 50 of the 62 s a block took); the first examples
+        # holding TOKENS tokens measure a layer's output error (all of a smaller set)
+        counts = torch.bincount(self.examples, minlength=calib.n_examples).cumsum(0)
+        self.cutoff = int((counts < self.TOKENS).sum()) + 1
         self.squares: dict[int, torch.Tensor] = {}  # layer -> (subsets, examples) float64
         self.executor = None
 
@@ -263,6 +264,12 @@ class ReconstructionObserver(Observer):
     def routing(self, block, x, logits, idx, weights):
         if block not in self.layers or not x.shape[0]:
             return
+        used = self.examples < self.cutoff
+        if not used.any():
+            return
+        if not used.all():
+            x, logits = x[used.to(x.device)], logits[used.to(x.device)]
+        examples = self.examples[used]
         moe, subsets = self.layers[block], self.subsets[block]
         e, w = moe.n_experts, self.executor.w
         prefix = f"blocks.{block}.ffn.experts"
@@ -272,7 +279,7 @@ class ReconstructionObserver(Observer):
             out = torch.stack([swiglu(xs, w(f"{prefix}.{j}.gate"), w(f"{prefix}.{j}.up"),
                                       w(f"{prefix}.{j}.down")) for j in range(e)])
             add = subset_squares(moe, logits[start:start + chunk], out,
-                                 self.examples[start:start + chunk], subsets, self.n_examples)
+                                 examples[start:start + chunk], subsets, self.n_examples)
             self.squares[block] = self.squares[block] + add if block in self.squares else add
 
     def merge(self, other: "ReconstructionObserver") -> "ReconstructionObserver":

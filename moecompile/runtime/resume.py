@@ -108,7 +108,7 @@ def _snapshot(value):
         return value.clone()
     if isinstance(value, dict):
         return {k: _snapshot(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if type(value) in (list, tuple):
         return type(value)(_snapshot(v) for v in value)
     return copy.deepcopy(value)
 

@@ -40,15 +40,15 @@ from .resume import Resume
 
 SEQUENCE_BATCH = 8  # sequences per attention batch
 HEAD_ROWS = 2048  # tokens per output-head chunk (vocab x rows float32 logits at a time)
+# float32 weight bytes above which passes and verification stream (MOECOMPILE_STREAM_ABOVE
+# sets it: 0 streams every model, e.g. on a machine with little memory)
+STREAM_ABOVE = int(os.environ.get("MOECOMPILE_STREAM_ABOVE", 2 * 2**30))
+_ADVISER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompile-readahead")
 
 
 def HEAD_INPUT(rows: torch.Tensor, logits: torch.Tensor) -> None:
     """`StreamingExecutor.run(head=HEAD_INPUT)`: show observers the output head's input (a
     matmul input like any other), compute no logits."""
-# float32 weight bytes above which passes and verification stream (MOECOMPILE_STREAM_ABOVE
-# sets it: 0 streams every model, e.g. on a machine with little memory)
-STREAM_ABOVE = int(os.environ.get("MOECOMPILE_STREAM_ABOVE", 2 * 2**30))
-_ADVISER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompile-readahead")
 
 
 def float32_bytes(model: ir.Model) -> int:

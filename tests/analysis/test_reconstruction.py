@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from moecompile import ir
-from moecompile.analysis.baselines import _mix, _subsets, subset_squares
+from moecompile.analysis.baselines import _subsets, subset_squares
+from moecompile.runtime.executor import combine_experts, route
+
+
+def _mix(moe, logits, kept, expert_out):
+    """The routed output with only `kept` experts, computed from the outputs themselves: the
+    kept router rows' softmax, top-k, and each token's weighted sum of its experts' outputs
+    (`expert_out` (E, N, D): every expert on every token)."""
+    idx, weights = route(moe, logits[:, kept], top_k=min(moe.top_k, len(kept)))
+    return combine_experts(expert_out[0], idx, weights,
+                           lambda slot, rows: expert_out[kept[slot], rows])
 
 
 @pytest.mark.parametrize("renormalise", [False, True])

@@ -98,6 +98,25 @@ def test_reconstruction_errors_of_merged_shards_equal_the_single_run(ray_engine,
         assert got.best(layer) == want.best(layer)
 
 
+def test_reconstruction_takes_the_first_examples_holding_its_tokens(ray_engine, setup,
+                                                                    monkeypatch):
+    """At real size only the first examples holding TOKENS tokens are run through every expert
+    (their cost is E/k forwards a token); a shard that holds none of them adds nothing."""
+    model, calib, _ = setup
+    monkeypatch.setattr(ReconstructionObserver, "TOKENS", 40)
+    whole, _ = stream(ray_engine, model, calib, ReconstructionObserver(model, calib, 2, seed=0),
+                      shards=1)
+    cutoff = whole.cutoff
+    tokens = calib.mask.sum(1).cumsum(0)
+    assert tokens[cutoff - 2] < 40 <= tokens[cutoff - 1] and cutoff < calib.n_examples
+    for w in whole.squares.values():
+        assert (w[:, :cutoff] > 0).all() and (w[:, cutoff:] == 0).all()
+    got, _ = stream(ray_engine, model, calib, ReconstructionObserver(model, calib, 2, seed=0),
+                    shards=3)
+    for layer, w in whole.squares.items():
+        assert (got.squares[layer] - w).abs().max() <= 1e-6 * w.max(), layer
+
+
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_merged_shards_equal_the_single_run(ray_engine, setup, shards, like_a_worker):
     model, calib, text_calib = setup
