@@ -60,13 +60,19 @@ class JobResult:
         return self.committed.verification if self.committed else None
 
 
+def eep_config(options: Options) -> EEPConfig:
+    """The search the flags ask for: --search-budget (or the default length), --seed,
+    --search-batch."""
+    evaluations, seconds = options.search_length
+    return EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed,
+                     batch=options.batch, asked=options.search_budget is not None)
+
+
 def passes_for(options: Options, router_mode: str) -> list[Pass]:
     """The passes the flags ask for, in their documented order: --experts, --expert-width
     (and --shared-width), --top-k, --drop-blocks, --drop-moe-layers (the Python API composes
     them in any order)."""
-    evaluations, seconds = options.search_length
-    config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=options.seed,
-                       batch=options.batch, asked=options.search_budget is not None)
+    config = eep_config(options)
     out: list[Pass] = []
     if options.experts is not None:
         out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
@@ -298,11 +304,8 @@ class PassVariants(VariantSource):
         if experts >= max(f.n_experts for f in moes):
             return self.model
         if experts not in self.pruned:
-            evaluations, seconds = self.options.search_length
-            config = EEPConfig(evaluations=evaluations, seconds=seconds, seed=self.options.seed,
-                               batch=self.options.batch,
-                               asked=self.options.search_budget is not None)
-            prune = PruneExperts(experts, self.options.prune_method, config, self.router_mode)
+            prune = PruneExperts(experts, self.options.prune_method, eep_config(self.options),
+                                 self.router_mode)
             self.pruned[experts], _ = PassManager([prune]).run(self.model, self.ctx)
         passes_run.append(f"{experts} experts ({self.options.prune_method})")
         return self.pruned[experts]

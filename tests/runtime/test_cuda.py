@@ -1,6 +1,6 @@
 """The CUDA path (skipped without a GPU; tools/gpu_check.sh runs these on a CUDA machine): the
-reference and streaming executors, fitness and the layer-local sensitivity give the numbers the
-CPU gives, within float tolerance."""
+reference and streaming executors, fitness, the layer-local sensitivity and the streaming
+reconstruction give the numbers the CPU gives, within float tolerance."""
 
 import pytest
 import torch
@@ -40,3 +40,21 @@ def test_compile_with_the_reference_on_cuda(tiny_model, tmp_path):
     out = tmp_path / "m.gguf"
     assert main([str(tiny_model("qwen3_moe")), "-o", str(out), "--quant", "q8_0",
                  "--device", "cuda", "--quiet"]) == 0
+
+
+def test_streaming_reconstruction_on_cuda_matches_the_cpu(tiny_model):
+    """NAEE's subset errors at real size (every expert on the layer's tokens, Gram matrices)
+    computed on the GPU: the CPU's errors and choices."""
+    from moecompile.analysis.baselines import ReconstructionObserver
+
+    model = frontend.load(tiny_model("olmoe"))
+    calib = build_calib(model, "add,sort", 4)
+    found = {}
+    for device in ("cpu", "cuda"):
+        observer = ReconstructionObserver(model, calib, 2, seed=0)
+        StreamingExecutor(model, device, observer=observer).run(calib.ids, calib.mask, None)
+        found[device] = observer
+    for layer, want in found["cpu"].squares.items():
+        got = found["cuda"].squares[layer]
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.max())), layer
+        assert found["cuda"].best(layer) == found["cpu"].best(layer)
