@@ -241,7 +241,7 @@ def test_streaming_eep_searches_as_the_token_major_one(tiny_model, calib_of, mon
     assert large["baseline_fitness"] == pytest.approx(small["baseline_fitness"], abs=1e-5)
     assert large["layers"] == small["layers"]
     assert large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
-    assert large["eta_seconds"] > 0 and large["seconds_per_evaluation"] > 0
+    assert large["eta_seconds"] > 0 and large["seconds_per_evaluation"] >= 0
 
 
 def test_a_long_streaming_eep_is_refused_unless_sized(tiny_model, calib_of, monkeypatch):
