@@ -19,7 +19,9 @@ the writes before it; Ctrl-C lets the write under way finish (the process waits 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -40,10 +42,31 @@ def cache_root() -> Path:
     return Path(base) / "moecompile" / "resume"
 
 
+def code_files() -> list[Path]:
+    """moecompile's own code: every .py of the package, its passes and its exporters."""
+    roots = {Path(p) for name in ("moecompile", "moecompile.passes", "moecompile.exporters")
+             for p in importlib.util.find_spec(name).submodule_search_locations}
+    return sorted({f for root in roots for f in root.rglob("*.py")})
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> bytes:
+    """A digest of `code_files`: a state saved by other code — an edited checkout of the same
+    version — is not resumed by this one (it happened: a pass resumed into changed observer
+    code and mixed two computations in one run)."""
+    h = hashlib.sha256()
+    for file in code_files():
+        h.update(file.name.encode())
+        h.update(file.read_bytes())
+    return h.digest()
+
+
 def fingerprint(model: ir.Model, *parts) -> str:
-    """A key for a pass over `model`: its source files (name, size, modification time), its
-    history, and `parts` (tensors by their bytes, anything else by its repr)."""
+    """A key for a pass over `model`: moecompile's version and code, the model's source files
+    (name, size, modification time), its history, and `parts` (tensors by their bytes,
+    anything else by its repr)."""
     h = hashlib.sha256(__version__.encode())
+    h.update(code_digest())
     source = Path(model.source)
     if source.is_dir():
         for f in sorted(source.iterdir()):

@@ -192,3 +192,26 @@ def test_an_interrupted_pass_resumes_at_the_first_unfinished_block(tiny_model, c
     # another calibration set is another pass: nothing of this one is reused
     other = build_calib(model, "sort", 2)
     assert resume_for(model, other, "test").folder != resume_for(model, calib, "test").folder
+
+
+def test_a_pass_saved_by_other_code_is_not_resumed(tiny_model, calib_of, tmp_path,
+                                                   monkeypatch):
+    """The resume key covers moecompile's code — the package, its passes and its exporters —
+    so a checkout edited between Ctrl-C and the rerun starts the pass again."""
+    from moecompile.runtime import resume
+
+    files = [str(p) for p in resume.code_files()]
+    for part in ("runtime/streaming.py", "passes/prune_experts.py", "gguf/writer.py"):
+        assert any(f.endswith(part) for f in files), part
+    code = tmp_path / "observers.py"
+    code.write_text("x = 1\n")
+    monkeypatch.setattr(resume, "code_files", lambda: [code])
+    first = resume.code_digest.__wrapped__()
+    code.write_text("x = 2\n")
+    assert resume.code_digest.__wrapped__() != first
+    model = frontend.load(tiny_model("olmoe"))
+    calib = calib_of(model)
+    before = resume.resume_for(model, calib, "test").folder
+    assert resume.resume_for(model, calib, "test").folder == before
+    monkeypatch.setattr(resume, "code_digest", lambda: b"edited")
+    assert resume.resume_for(model, calib, "test").folder != before
