@@ -37,7 +37,8 @@ from moecompile.runtime.streaming import Observer
 
 from .calibration import CalibSet
 from .expert_plan import LayerPlan, keep_plan, moe_layers
-from .neurons import example_of_tokens
+from .neurons import example_of_tokens, examples_of_shard
+from .observers import _add
 
 MAX_SUBSETS = 2000
 BASELINES = ("random", "frequency", "mass", "reap", "reconstruct")
@@ -258,7 +259,7 @@ class ReconstructionObserver(Observer):
     def part(self, rows: list[int]) -> "ReconstructionObserver":
         out = copy.copy(self)
         out.squares, out.executor = {}, None
-        out.examples = self.examples[torch.isin(self.examples, torch.tensor(rows))]
+        out.examples = examples_of_shard(self.examples, rows)
         return out
 
     def routing(self, block, x, logits, idx, weights):
@@ -280,11 +281,11 @@ class ReconstructionObserver(Observer):
                                       w(f"{prefix}.{j}.down")) for j in range(e)])
             add = subset_squares(moe, logits[start:start + chunk], out,
                                  examples[start:start + chunk], subsets, self.n_examples)
-            self.squares[block] = self.squares[block] + add if block in self.squares else add
+            _add(self.squares, block, add)
 
     def merge(self, other: "ReconstructionObserver") -> "ReconstructionObserver":
         for block, value in other.squares.items():
-            self.squares[block] = self.squares[block] + value if block in self.squares else value
+            _add(self.squares, block, value)
         return self
 
     def best(self, layer: int) -> list[int]:

@@ -175,6 +175,12 @@ def example_of_tokens(calib: CalibSet) -> torch.Tensor:
     return torch.arange(calib.n_examples)[:, None].expand_as(mask)[mask]
 
 
+def examples_of_shard(examples: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Of `examples` (each real token's example in the whole set), those of a token shard made
+    of the examples `rows`: the shard's tokens keep their place in the whole set."""
+    return examples[torch.isin(examples, torch.tensor(rows))]
+
+
 def statistics_bytes(model: ir.Model, prefixes, full: bool) -> int:
     """What the statistics of the MLPs at `prefixes` hold (float64, two halves)."""
     paths = mlp_paths(model, shared=True)
@@ -209,7 +215,7 @@ class NeuronObserver(Observer):
         """The shard of examples `rows`: its tokens keep their examples' halves."""
         out = copy.copy(self)
         out.stats, out._layer, out.executor = {}, {}, None
-        out.examples = self.examples[torch.isin(self.examples, torch.tensor(rows))]
+        out.examples = examples_of_shard(self.examples, rows)
         return out
 
     @property
