@@ -101,3 +101,25 @@ def test_imatrix_shapes_file_and_effect(models, tmp_path):
     assert (tmp_path / "b.imatrix.dat").exists() and not (tmp_path / "a.imatrix.dat").exists()
     assert plain.report["tensor_bytes"] == weighted.report["tensor_bytes"]
     assert plain.output.read_bytes() != weighted.output.read_bytes()
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "iq4_xs", "q5_0"])
+def test_threaded_chunks_give_the_bytes_of_one_chunk_at_a_time(qtype):
+    """ggml.quantize/dequantize split a tensor of several chunks over threads: the bytes and
+    values are those of each chunk's rows quantized (dequantized) on their own, in order."""
+    from moecompile.exporters.gguf import ggml as lib
+
+    rng = np.random.default_rng(3)
+    n = 512
+    step = lib.CHUNK_VALUES // n
+    rows = 2 * step + 37  # three chunks, the last one short
+    values = rng.standard_normal((rows, n)).astype(np.float32)
+    imatrix = rng.random(n).astype(np.float32) + 0.1
+    q = ggml(qtype)
+    whole = lib.quantize(values, q, imatrix)
+    parts = [lib.quantize(values[a:a + step], q, imatrix) for a in range(0, rows, step)]
+    assert np.array_equal(whole, np.concatenate(parts))
+    back = lib.dequantize(whole, q, values.shape)
+    assert np.array_equal(back, np.concatenate([lib.dequantize(p, q, (len(p) // lib.library()
+                                                .ggml_row_size(q, n), n)) for p in parts]))
+    assert np.sqrt(np.mean((back - values) ** 2)) < 0.2  # rounded, not scrambled
