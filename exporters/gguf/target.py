@@ -35,7 +35,9 @@ from ..target import (BudgetUnreachable, Committed, FileVerdict, Target, TypePla
 from . import arch as gguf_arch
 from . import check, imatrix_dat, memory, offload, writer
 from .reader import FileNumerics, read_tensors
-from .types import DTYPES, block_size, ggml as ggml_type, keeps_f32, parse_type, roundtrip
+from .rounded import RoundedStore
+from .types import DTYPES, Q, block_size, encode, ggml as ggml_type, keeps_f32, parse_type
+from .types import roundtrip
 from .types import stored_type, tensor_bytes
 
 log = logging.getLogger("moecompile")
@@ -255,12 +257,13 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
         units = group_units(groups)
-        sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
-                                                            request, ctx)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
-        group_types, total, predicted, extra, tail = allocate.choose_reported(
-            sens, size, unquantized, request.budget - fixed,
-            (lambda g: g.endswith("_exps"), measure, info) if local else None)
+        with _rounded_store(model) as store:
+            sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
+                                                                request, ctx, store)
+            group_types, total, predicted, extra, tail = allocate.choose_reported(
+                sens, size, unquantized, request.budget - fixed,
+                (lambda g: g.endswith("_exps"), measure, info) if local else None)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens, **extra}
@@ -303,8 +306,9 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
         units = group_units(groups)
-        sens, local, info, _ = self._type_sensitivity(model, calib, units, importance, request,
-                                                      ctx)
+        with _rounded_store(model) as store:
+            sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
+                                                          request, ctx, store)
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
@@ -362,12 +366,12 @@ class GGUFTarget(Target):
                 for w in sorted(widths, reverse=True)]
 
     def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
-                          importance, request: TypeRequest, ctx):
+                          importance, request: TypeRequest, ctx, store=None):
         """(unit -> type -> predicted KL, whether it is layer-local, how it was measured,
         measure(mix): a mix's KL end to end — None for the full sensitivity, which measures
         each unit end to end already). Layer-local when asked, or (auto) when the model
         streams."""
-        rounding = self._rounding(model, importance[0])
+        rounding = self._rounding(model, importance[0], store)
         local = request.sensitivity == "local" or (request.sensitivity == "auto"
                                                    and streams(model))
         if not local:
@@ -385,11 +389,12 @@ class GGUFTarget(Target):
 
         return sens, True, info, measure
 
-    def _rounding(self, model: ir.Model, importance: dict | None):
+    def _rounding(self, model: ir.Model, importance: dict | None, store=None):
         """`rounding(name)`: a context giving value(path, tensor), the weight as a file of type
         `name` holds it (ggml's rounding with its importance slice), for the quantizable
         tensors; `rounding(None, types)` rounds each path to its own type. Quantization is
-        row-wise, so llama's q/k row order does not matter."""
+        row-wise, so llama's q/k row order does not matter. With a `store` (rounded.py) each
+        (path, type) is quantized once and its bytes kept for the next use."""
         where = {p: (t, i) for t in self.quantizable(model) for i, p in enumerate(t.paths)}
 
         @contextmanager
@@ -401,8 +406,12 @@ class GGUFTarget(Target):
                 n = tensor.shape[-1]
                 imatrix = None if importance is None else importance[t.name][index * n:
                                                                               (index + 1) * n]
-                return torch.from_numpy(roundtrip(tensor.value().to(torch.float32).numpy(),
-                                                  qtype, imatrix))
+                if store is None or qtype == Q.F32:
+                    return torch.from_numpy(roundtrip(tensor.value().to(torch.float32).numpy(),
+                                                      qtype, imatrix))
+                return torch.from_numpy(store.values(
+                    path, int(qtype), tensor.shape,
+                    lambda: encode(tensor.value().reshape(-1, n), qtype, imatrix)))
             yield value
 
         return rounding
@@ -525,6 +534,18 @@ class GGUFTarget(Target):
                  f"{p.python_args['n_gpu_layers']}, n_ctx={p.python_args['n_ctx']}): "
                  f"{p.python_note}"]
         return lines, {"offload": p.to_dict()}
+
+
+@contextmanager
+def _rounded_store(model: ir.Model):
+    """A store of rounded weights for a model that streams (real size: where the same weights
+    are quantized again for every mix measured end to end), else None; emptied at the end."""
+    store = RoundedStore() if streams(model) else None
+    try:
+        yield store
+    finally:
+        if store is not None:
+            store.close()
 
 
 def _full_structure(model: ir.Model) -> Structure:
