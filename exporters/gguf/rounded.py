@@ -5,7 +5,9 @@ sensitivity rounds sampled experts at every candidate type, one probe rounds eve
 the probe type, and each mix measured end to end rounds the whole model again, mostly to the
 types the other mixes gave it. Quantizing is the expensive part (Q4_K with an importance
 matrix: ~9 M values/s a core, 6.9 B values in OLMoE-1B-7B), dequantizing is not (~1 G values/s),
-so a weight's bytes are kept the first time and dequantized on every later use.
+so a weight's bytes are kept the first time and dequantized on every later use; the file
+written at the end copies the chosen mix's bytes from here (every mix chosen was measured, so
+all of them are kept).
 
 The bytes go to one append-only file per type in the user's cache folder (beside the resume
 states; never /tmp, which may be memory), are read back with one positioned read, and are
@@ -50,13 +52,21 @@ class RoundedStore:
             self._index[(path, qtype)] = (offset, data.nbytes)
             return ggml.dequantize(data, qtype, shape)
         self.hits += 1
+        return ggml.dequantize(self.stored(path, qtype), qtype, shape)
+
+    def stored(self, path: str, qtype: int) -> np.ndarray | None:
+        """The kept bytes of `path` at `qtype` (None: never rounded to it), what a file of
+        that type holds: the writer copies them instead of quantizing again."""
+        hit = self._index.get((path, qtype))
+        if hit is None:
+            return None
         offset, nbytes = hit
         f = self._files[qtype]
         f.flush()
         data = np.empty(nbytes, dtype=np.uint8)
         if os.preadv(f.fileno(), [memoryview(data)], offset) != nbytes:
             raise OSError(f"{f.name}: short read of kept quantized weights")
-        return ggml.dequantize(data, qtype, shape)
+        return data
 
     def _file(self, qtype: int):
         if self._folder is None:

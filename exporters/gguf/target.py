@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moecompile import ir
 from moecompile.analysis import allocate, imatrix, sensitivity
@@ -33,7 +36,7 @@ from ..quant_map import match_rules, read_rules
 from ..target import (BudgetUnreachable, Committed, FileVerdict, Target, TypePlan, TypeRequest,
                       VariantSource, failed_name, resolve_ctx, temp_path, type_table, types_entry)
 from . import arch as gguf_arch
-from . import check, imatrix_dat, memory, offload, writer
+from . import check, eta, imatrix_dat, memory, offload, writer
 from .reader import FileNumerics, read_tensors
 from .rounded import RoundedStore
 from .types import DTYPES, Q, block_size, encode, ggml as ggml_type, keeps_f32, parse_type
@@ -142,14 +145,24 @@ class GGUFTarget(Target):
         if request.quant == "auto" or request.fits_budget:
             if request.budget is None:
                 raise UserError("--quant auto needs --budget SIZE (the memory it fits)")
-            if variants is None:
-                by_tensor, importance, quant, auto_lines = self._auto(model, request, n_ctx, ctx)
-            else:
-                model, by_tensor, importance, quant, auto_lines = self._auto_structured(
-                    model, request, n_ctx, ctx, variants)
-            plan = self._typed_plan(model, request, n_ctx, ctx, "auto", by_tensor, importance)
+            # at real size the weights rounded while choosing are kept for the file
+            store = RoundedStore() if variants is None and streams(model) else None
+            try:
+                if variants is None:
+                    by_tensor, importance, quant, auto_lines = self._auto(model, request, n_ctx,
+                                                                          ctx, store)
+                else:
+                    model, by_tensor, importance, quant, auto_lines = self._auto_structured(
+                        model, request, n_ctx, ctx, variants)
+                plan = self._typed_plan(model, request, n_ctx, ctx, "auto", by_tensor,
+                                        importance)
+            except BaseException:
+                if store is not None:
+                    store.close()
+                raise
             plan.report["quant"] = quant
             plan.lines[:0] = lines + auto_lines
+            plan.details["rounded"] = store  # commit copies its bytes and empties it
             return plan
         if request.quant_map:
             rules = read_rules(request.quant_map, parse_type)
@@ -237,7 +250,7 @@ class GGUFTarget(Target):
         found = imatrix.collect(model, calib, paths, ctx.device, ctx.progress, ctx.engine)
         return imatrix_dat.by_tensor(quantizable, found), found.sequences, found.coverage(paths)
 
-    def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx):
+    def _auto(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx, store=None):
         """--quant auto: measured sensitivity, then the lowest predicted loss that fits. A
         budget no types reach is refused before anything is measured."""
         fixed = memory.context_bytes(model, n_ctx)
@@ -255,18 +268,26 @@ class GGUFTarget(Target):
                 f"{format_size(lowest)} + KV cache, buffers and runtime for --ctx "
                 f"{n_ctx} {format_size(fixed)}){hint}", experts)
         calib = ctx.calibration(model, "--quant auto")
+        started = time.monotonic()
         importance = self.importance(model, ctx)
         units = group_units(groups)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
-        with _rounded_store(model) as store:
-            sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
-                                                                request, ctx, store)
-            group_types, total, predicted, extra, tail = allocate.choose_reported(
-                sens, size, unquantized, request.budget - fixed,
-                (lambda g: g.endswith("_exps"), measure, info) if local else None)
+        expected = None
+        if streams(model) and self._is_local(model, request):
+            expected = self._expected_seconds(groups, units, importance[0], unquantized,
+                                              request.budget - fixed, calib.n_tokens,
+                                              time.monotonic() - started, ctx.progress)
+        sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
+                                                            request, ctx, store)
+        group_types, total, predicted, extra, tail = allocate.choose_reported(
+            sens, size, unquantized, request.budget - fixed,
+            (lambda g: g.endswith("_exps"), measure, info) if local else None)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens, **extra}
+        if expected is not None:
+            quant["expected_seconds"] = expected
+            quant["seconds_to_choose"] = round(time.monotonic() - started, 1)
         line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
                 f"predicted KL {predicted:.4f}{tail}")
         return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
@@ -365,6 +386,39 @@ class GGUFTarget(Target):
         return [Structure(n, w) for n in sorted(counts, reverse=True)
                 for w in sorted(widths, reverse=True)]
 
+    @staticmethod
+    def _is_local(model: ir.Model, request: TypeRequest) -> bool:
+        """The layer-local sensitivity: when asked, or (auto) when the model streams."""
+        return request.sensitivity == "local" or (request.sensitivity == "auto"
+                                                  and streams(model))
+
+    def _expected_seconds(self, groups: dict, units: dict[str, list[str]], importance: dict,
+                          unquantized: int, weight_budget: int, calib_tokens: int,
+                          pass_seconds: float, progress: bool) -> dict:
+        """The time of each stage still to come (eta.py), printed before the sensitivity
+        starts: rates measured on one expert (else the first unit), the importance pass timed."""
+        parts = [(t, i) for ts in groups.values() for t in ts for i in range(len(t.parts))]
+        t, i = next(((t, i) for t, i in parts if writer.is_stacked(t.name)), parts[0])
+        n = t.parts[i].shape[-1]
+        sample = t.parts[i].value().reshape(-1, n)
+        rates = eta.quantize_rates(sample, importance[t.name][i * n:(i + 1) * n],
+                                   sorted(set(CANDIDATES) | {LOCAL_PROBE}))
+        fits = [name for name in CANDIDATES
+                if unquantized + sum(self.group_bytes(ts, name) for ts in groups.values())
+                <= weight_budget]
+        numel = {p: part.numel for ts in groups.values() for t in ts
+                 for p, part in zip(t.paths, t.parts)}
+        stages = eta.estimate(units, numel, rates, LOCAL_PROBE, fits[0] if fits else
+                              CANDIDATES[-1], pass_seconds, calib_tokens)
+        total = sum(stages.values())
+        if progress:
+            tqdm.write(f"--quant auto at this size: about {_minutes(total)} from here ("
+                       + ", ".join(f"{k} {_minutes(v)}" for k, v in stages.items())
+                       + f"; measured: the importance pass {pass_seconds:.0f} s, "
+                       f"{LOCAL_PROBE} at {1e-6 / rates[LOCAL_PROBE]:.0f} M values/s)",
+                       file=sys.stderr)
+        return {k: round(v, 1) for k, v in {**stages, "total": total}.items()}
+
     def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
                           importance, request: TypeRequest, ctx, store=None):
         """(unit -> type -> predicted KL, whether it is layer-local, how it was measured,
@@ -372,8 +426,7 @@ class GGUFTarget(Target):
         each unit end to end already). Layer-local when asked, or (auto) when the model
         streams."""
         rounding = self._rounding(model, importance[0], store)
-        local = request.sensitivity == "local" or (request.sensitivity == "auto"
-                                                   and streams(model))
+        local = self._is_local(model, request)
         if not local:
             sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
                                        ctx.device, ctx.progress, ctx.engine)
@@ -436,13 +489,16 @@ class GGUFTarget(Target):
         model = plan.model
         arch = self.check(model)
         importance = plan.details.get("importance")
+        rounded = plan.details.get("rounded")
         tmp = temp_path(out)
         dat = out.with_suffix(".imatrix.dat")
         dat_tmp = temp_path(dat)
         try:
             try:
                 writer.export(model, tmp, arch, importance[0] if importance else None,
-                              progress=progress)
+                              progress=progress, rounded=rounded)
+                if rounded is not None:
+                    rounded.close()
                 if importance:
                     imatrix_dat.write_dat(dat_tmp, *importance[:2])
             except OSError as exc:
@@ -462,6 +518,8 @@ class GGUFTarget(Target):
         finally:
             for leftover in (tmp, dat_tmp):
                 leftover.unlink(missing_ok=True)
+            if rounded is not None:
+                rounded.close()
         fields = {
             "arch": arch,
             "dtype": plan.details.get("dtype", "mixed"),
@@ -534,6 +592,10 @@ class GGUFTarget(Target):
                  f"{p.python_args['n_gpu_layers']}, n_ctx={p.python_args['n_ctx']}): "
                  f"{p.python_note}"]
         return lines, {"offload": p.to_dict()}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 @contextmanager

@@ -14,6 +14,7 @@ The file is written under a temporary name and renamed by the caller once it is 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +43,7 @@ class PlannedTensor:
     paths: tuple[str, ...]  # the IR paths of the parts
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     importance: np.ndarray | None = None  # per input column, the parts' vectors concatenated
+    rounded: object = None  # a RoundedStore (rounded.py) whose kept bytes are copied
 
     @property
     def part_shape(self) -> tuple[int, ...]:
@@ -58,7 +60,11 @@ class PlannedTensor:
     def pieces(self) -> Iterator[np.ndarray]:
         """The tensor's bytes in writing order: expert by expert, and within a part in chunks
         of rows (every GGUF type quantizes row-wise), so conversion temporaries stay small."""
-        for index, part in enumerate(self.parts):
+        for index, (path, part) in enumerate(zip(self.paths, self.parts)):
+            kept = None if self.rounded is None else self.rounded.stored(path, int(self.qtype))
+            if kept is not None:
+                yield self._reordered(kept, part.shape)
+                continue
             value = part.value()
             if self.transform is not None:
                 value = self.transform(value)
@@ -69,6 +75,17 @@ class PlannedTensor:
             step = max(1, CHUNK_ELEMENTS // n)
             for start in range(0, rows.shape[0], step):
                 yield encode(rows[start:start + step], self.qtype, imatrix)
+
+
+    def _reordered(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A part's kept bytes (rounded in the IR's row order) in the file's: every GGUF type
+        encodes each row on its own, so the transform's row permutation moves whole rows of
+        bytes."""
+        if self.transform is None:
+            return data
+        rows = math.prod(shape[:-1])
+        order = self.transform(torch.arange(rows).reshape(rows, 1))[:, 0].numpy()
+        return data.reshape(rows, -1)[order].reshape(-1)
 
 
 CHUNK_ELEMENTS = 1 << 22  # elements converted at a time (16 MiB as float32)
@@ -211,13 +228,16 @@ class ExportResult:
 
 
 def export(model: ir.Model, path: Path, arch: str,
-           importance: dict[str, np.ndarray] | None = None, progress: bool = True) -> ExportResult:
+           importance: dict[str, np.ndarray] | None = None, progress: bool = True,
+           rounded=None) -> ExportResult:
     """Write `model` as GGUF at `path` (the caller picks a temporary name and renames), each
     tensor in its IR type, quantized with its `importance` vector (GGUF name -> per-column
-    importance, experts concatenated) where it has one."""
+    importance, experts concatenated) where it has one, or copied from `rounded` (a
+    RoundedStore that rounded it with the same vector) where that kept it."""
     planned = plan(model, arch)
     for t in planned:
         t.importance = (importance or {}).get(t.name)
+        t.rounded = rounded
     label = file_type([(name_of(t.qtype), t.nbytes) for t in planned])
     vocab = gguf_vocab.read_vocab(model.tokenizer, model.vocab)
     writer = gguf.GGUFWriter(str(path), arch)

@@ -330,3 +330,33 @@ def test_allow_prune_slims_with_the_width_method_and_refit_asked_for(tiny_model,
     with pytest.raises(UserError, match="--width-method/--width-refit apply to"):
         Options(str(folder), output=str(tmp_path / "m.gguf"),
                 width_method="weight").validate()
+
+
+def test_a_model_that_streams_says_how_long_and_writes_the_kept_bytes(tiny_model, tmp_path,
+                                                                      monkeypatch, capsys):
+    """At real size (here: streaming forced) --quant auto prints what each stage will take
+    before measuring, records it beside the time it took, writes the file from the weights it
+    rounded while choosing (the file verifies) and leaves none of them behind."""
+    from moecompile.exporters.target import TypeRequest
+    from moecompile.passes.base import PassContext
+    from moecompile.runtime import streaming
+
+    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
+    model = frontend.load(folder)
+    q4 = GGUFTarget().choose_types(model, TypeRequest(quant="q4_k"), PassContext()).weight_bytes
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "cache" / "resume"))
+    out = tmp_path / "s.gguf"
+    assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget",
+                 str(context_bytes(model, 128) + q4), "--ctx", "128", "--calib", "add,rev",
+                 "--calib-n", "3"]) == 0
+    assert re.search(r"--quant auto at this size: about \d+ s from here \(sensitivity \d+ s, "
+                     r"probes \d+ s, mixes \d+ s, file and verification \d+ s; measured",
+                     capsys.readouterr().err)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    expected = report["quant"]["expected_seconds"]
+    stages = ("sensitivity", "probes", "mixes", "file and verification")
+    assert all(expected[k] > 0 for k in stages)
+    assert abs(expected["total"] - sum(expected[k] for k in stages)) < 0.5
+    assert report["quant"]["seconds_to_choose"] > 0 and report["verification"]["passed"]
+    assert not any((tmp_path / "cache" / "rounded").iterdir())

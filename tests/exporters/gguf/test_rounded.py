@@ -35,3 +35,37 @@ def test_kept_bytes_give_the_rounded_values_and_are_removed(tmp_path, monkeypatc
     assert copy._folder is None and not copy._index
     store.close()
     assert not folder.exists()
+
+
+def test_the_file_copies_kept_bytes_in_its_own_row_order(tiny_model, tmp_path, monkeypatch):
+    """The writer copies a store's bytes instead of quantizing: kept with an importance vector
+    and written without one, the file equals the file written with it — also for llama's q/k,
+    whose rows the file permutes (Mixtral)."""
+    from moecompile import frontend
+    from moecompile.exporters.gguf import writer
+    from moecompile.exporters.gguf.target import GGUFTarget
+
+    monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
+    model = frontend.load(tiny_model("mixtral"))
+    target = GGUFTarget()
+    typed = target.typed(model, {t.name: "q4_k" for t in target.quantizable(model)})
+    planned = writer.plan(typed, "llama")
+    assert any(t.transform is not None for t in planned)
+    rng = np.random.default_rng(1)
+    importance = {t.name: rng.random(t.shape[-1] * len(t.parts)).astype(np.float32) + 0.05
+                  for t in planned if t.qtype != Q.F32}
+    store = RoundedStore()
+    for t in planned:
+        if t.qtype == Q.F32:
+            continue
+        n = t.shape[-1]
+        for i, (path, part) in enumerate(zip(t.paths, t.parts)):
+            store.values(path, int(t.qtype), part.shape, lambda: encode(
+                part.value().reshape(-1, n), t.qtype, importance[t.name][i * n:(i + 1) * n]))
+    with_vector = writer.export(typed, tmp_path / "a.gguf", "llama", importance, progress=False)
+    copied = writer.export(typed, tmp_path / "b.gguf", "llama", None, progress=False,
+                           rounded=store)
+    plain = writer.export(typed, tmp_path / "c.gguf", "llama", None, progress=False)
+    a, b, c = (r.path.read_bytes() for r in (with_vector, copied, plain))
+    assert a == b and b != c
+    store.close()

@@ -1,0 +1,80 @@
+"""How long `--quant auto` (and `--budget`) will take on a model that streams, said before the
+sensitivity starts.
+
+At real size that time is spent quantizing: the layer-local sensitivity rounds every
+candidate type of a sample of each layer, its probes and the mixes it measures end to end
+round most of the model again (ggml's k-quants with an importance matrix: 10-20 M values/s on
+two cores; OLMoE-1B-7B holds 6.9 G). The rest is passes over the calibration tokens, whose
+cost the importance matrix's pass has just measured, and the verification. So the estimate
+counts the values each stage rounds, at rates measured on one of the model's own weights per
+type, plus its passes at the importance pass's rate per token:
+
+- sensitivity: each candidate type of every attention, dense-MLP, embedding and head unit,
+  and of `SAMPLED_EXPERTS` experts of each stacked expert group, plus one pass;
+- probes: the experts not sampled, at the probe type (the rest was rounded to it already and
+  is kept, rounded.py), and one pass per kind of unit;
+- mixes: which mixes are measured is known only once the sensitivity is; each rounds only
+  what no earlier stage kept, so the estimate takes the experts not sampled rounded once at
+  the type whose uniform file fits the budget, and one pass for each of three mixes (measured
+  at 16 OLMoE layers, 5 GB: one distinct mix, 390 s, estimated 350 s);
+- the file copies the kept bytes; verification (the reference and its two nulls, each reading
+  the checkpoint and dequantizing the file block by block) costs about three importance
+  passes (measured at 16 OLMoE layers: 100 s against a 32 s pass).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from moecompile.analysis.sensitivity import LOCAL_TOKENS, SAMPLED_EXPERTS, unit_kind
+
+from . import ggml
+from .types import ggml as ggml_type
+
+MIXES = 3  # choose_measured's mixes, at most
+MIX_ROUNDINGS = 1  # the experts' values rounded anew over the mixes, as whole-model roundings
+VERIFY_PASSES = 3  # the reference and its two nulls
+
+
+def quantize_rates(sample: torch.Tensor, imatrix: np.ndarray | None,
+                   types: list[str]) -> dict[str, float]:
+    """Seconds per value of rounding `sample` (rows, n) to each type, as ggml does it here
+    (every core, the importance vector when there is one)."""
+    values = np.ascontiguousarray(sample.to(torch.float32).numpy())
+    out = {}
+    for name in types:
+        qtype = int(ggml_type(name))
+        start = time.perf_counter()
+        ggml.dequantize(ggml.quantize(values, qtype, imatrix), qtype, values.shape)
+        out[name] = (time.perf_counter() - start) / values.size
+    return out
+
+
+def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str, float],
+             probe: str, fit: str, pass_seconds: float, calib_tokens: int) -> dict[str, float]:
+    """Seconds of each stage (see the module's docstring). `units`: the IR paths of each unit
+    (one path per expert in a stacked expert unit); `numel`: values per IR path; `rates`:
+    seconds per value of each candidate type; `pass_seconds`: the importance pass over
+    `calib_tokens` tokens."""
+    every_type = sum(rates.values())
+    per_token = pass_seconds / max(calib_tokens, 1)
+    one_pass = per_token * min(LOCAL_TOKENS, calib_tokens)
+    sensitivity, unsampled, kinds = one_pass, 0, set()
+    for unit, paths in units.items():
+        values = sum(numel[p] for p in paths)
+        kind = unit_kind(paths)
+        kinds.add(kind)
+        if kind == "experts":
+            share = min(SAMPLED_EXPERTS, len(paths)) / len(paths)
+            sensitivity += share * values * every_type
+            unsampled += (1 - share) * values
+        else:
+            sensitivity += values * every_type
+    probes = unsampled * rates[probe] + one_pass * (len(kinds - {"head"}) + 1)
+    mixes = MIX_ROUNDINGS * unsampled * rates[fit] + MIXES * one_pass
+    verification = VERIFY_PASSES * pass_seconds
+    return {"sensitivity": sensitivity, "probes": probes, "mixes": mixes,
+            "file and verification": verification}
