@@ -202,46 +202,9 @@ class PruneExperts(Pass):
 
     def _search_streaming(self, starts: dict, fitness, n_experts: int, model: ir.Model,
                           ctx: PassContext, report: dict) -> dict:
-        """EEP at real size: each candidate is the pruned model scored by one streaming pass
-        (memory follows one block; the pass's token shards go to the engine's workers). The
-        first start is scored before the search (which then finds it scored), so the search's
-        time is printed before it starts, and a default-length search that would take longer
-        than `ETA_LIMIT` is refused with what bounds it instead (--search-budget, or
-        reconstruct: NAEE's layer-local search)."""
-        config = self.config or EEPConfig(seed=ctx.seed)
-        t0 = time.monotonic()
-        fitness(next(iter(starts.values())))
-        each_seconds = time.monotonic() - t0
-        each = (f"EEP at this size scores each candidate with one streaming pass "
-                f"(~{each_seconds:.0f} s measured)")
-        if config.seconds is not None:
-            eta, line = config.seconds, f"{each}: the search runs for {_duration(config.seconds)}"
-        else:
-            eta = config.evaluations * each_seconds
-            line = f"{each}: {config.evaluations} evaluations take about {_duration(eta)}"
-            if config.evaluations > config.discrete_evals:
-                # measured at 16 OLMoE layers: a merging candidate 75 s, a one-hot one 30 s
-                line += (f" or more (merging candidates, after the first {config.discrete_evals},"
-                         " read every expert they mix: up to 2.5x as long)")
-        if eta > ETA_LIMIT and not config.asked:
-            fits = max(1, int(ETA_LIMIT // max(each_seconds, 1e-9)))
-            raise UserError(f"{line}; bound the search with --search-budget (e.g. {fits} or "
-                            "60m) or use --prune-method reconstruct (NAEE's layer-local search, "
-                            "one pass)")
-        if ctx.progress:
-            tqdm.write(line, file=sys.stderr)
-        result = search(fitness, moe_layers(model), n_experts, self.n_keep, starts, config,
-                        self.router_mode, ctx.progress)
-        report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
-        report["phase1_best"] = _finite(result.phase1_best)
-        report["evaluations"] = result.evaluations
-        report["search_batch"] = config.batch
-        report["seconds_per_evaluation"] = round(result.seconds / max(result.evaluations, 1), 2)
-        report["eta_seconds"] = round(eta, 1)
-        step = max(1, len(result.history) // HISTORY_POINTS)
-        report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
-        report["router_mode"] = self.router_mode
-        return result.plans
+        return search_streaming(starts, fitness, moe_layers(model), n_experts, self.n_keep,
+                                self.config or EEPConfig(seed=ctx.seed), self.router_mode,
+                                ctx.progress, report)
 
     def summary(self, report: dict) -> str:
         line = (f"pruned to {report['experts']} of {report['experts_before']} experts per layer "
@@ -255,3 +218,49 @@ class PruneExperts(Pass):
             before, after = report["top_k_clamped"]
             line += f"\ntop-k {before} clamped to {after}: only {after} experts are kept per layer"
         return line
+
+
+def search_streaming(starts: dict, fitness, layers: list[int], n_experts: int, n_keep: int,
+                     config: EEPConfig, router_mode: str, progress: bool, report: dict) -> dict:
+    """EEP (or the top-k search, n_keep == n_experts) at real size: each candidate is the
+    model scored by one streaming pass (memory follows one block; the pass's token shards go
+    to the engine's workers). The first start is scored before the search (which then finds
+    it scored), so the search's time is printed before it starts, and a default-length search
+    that would take longer than `ETA_LIMIT` is refused with what bounds it instead
+    (--search-budget, or reconstruct: NAEE's layer-local search). Fills `report`; returns the
+    plans found."""
+    t0 = time.monotonic()
+    fitness(next(iter(starts.values())))
+    each_seconds = time.monotonic() - t0
+    each = (f"the search at this size scores each candidate with one streaming pass "
+            f"(~{each_seconds:.0f} s measured)")
+    merging_from = 0 if n_keep == n_experts else config.discrete_evals
+    if config.seconds is not None:
+        eta, line = config.seconds, f"{each}: the search runs for {_duration(config.seconds)}"
+    else:
+        eta = config.evaluations * each_seconds
+        line = f"{each}: {config.evaluations} evaluations take about {_duration(eta)}"
+        if config.evaluations > merging_from:
+            # measured at 16 OLMoE layers: a merging candidate 75 s, a one-hot one 30 s
+            after = f", after the first {merging_from}," if merging_from else ""
+            line += (f" or more (merging candidates{after} read every expert they mix: up to "
+                     "2.5x as long)")
+    if eta > ETA_LIMIT and not config.asked:
+        fits = max(1, int(ETA_LIMIT // max(each_seconds, 1e-9)))
+        alternative = ("use --prune-method reconstruct (NAEE's layer-local search, one pass)"
+                       if n_keep < n_experts else "use --topk-method plain")
+        raise UserError(f"{line}; bound the search with --search-budget (e.g. {fits} or 60m) "
+                        f"or {alternative}")
+    if progress:
+        tqdm.write(line, file=sys.stderr)
+    result = search(fitness, layers, n_experts, n_keep, starts, config, router_mode, progress)
+    report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
+    report["phase1_best"] = _finite(result.phase1_best)
+    report["evaluations"] = result.evaluations
+    report["search_batch"] = config.batch
+    report["seconds_per_evaluation"] = round(result.seconds / max(result.evaluations, 1), 2)
+    report["eta_seconds"] = round(eta, 1)
+    step = max(1, len(result.history) // HISTORY_POINTS)
+    report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
+    report["router_mode"] = router_mode
+    return result.plans

@@ -22,13 +22,13 @@ from dataclasses import replace
 from moecompile import ir
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
-from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.fitness import StreamingFitness, plan_key
 from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
 from moecompile.runtime.streaming import streams
 
 from .base import Pass, PassContext, PassResult
-from .prune_experts import check_one_width
+from .prune_experts import check_one_width, search_streaming
 
 METHODS = ("plain", "search")
 
@@ -77,14 +77,15 @@ class ReduceTopK(Pass):
         calib = ctx.calibration(model, "--topk-method search")
         report["calib"] = calib.spec
         if streams(model):
-            return self._run_streaming(model, plain, ctx, calib, report, t0)
+            return self._run_streaming(model, plain, ctx, calib, report, t0, n_experts)
         # candidates are scored where the job's engine runs them: here, or on Ray workers
         reference = ctx.engine.candidates(model, calib)
         try:
             report["fitness_before"] = round(reference.score({}), 6)
         finally:
             reference.close()
-        scorer = ctx.engine.candidates(plain, calib, "logits")
+        # a text fitness is the KL to the original, not to the plain reduction being searched
+        scorer = ctx.engine.candidates(plain, calib, "logits", reference=model)
         try:
             report["fitness_plain"] = round(scorer.score({}), 6)
             if method == "plain":
@@ -106,24 +107,45 @@ class ReduceTopK(Pass):
         report["seconds"] = round(time.monotonic() - t0, 2)
         return PassResult(result_model, True, report)
 
-    def _run_streaming(self, model, plain, ctx, calib, report, t0) -> PassResult:
-        """At real size: plain top-k, scored by one layer-major pass before and one after. The
-        search runs the model once per candidate and is refused here with the alternative."""
-        if self.method == "search":
-            raise UserError("--topk-method search runs the model once per candidate and does "
-                            "not run at this size yet; use --topk-method plain")
+    def _run_streaming(self, model, plain, ctx, calib, report, t0, n_experts) -> PassResult:
+        """At real size: the original and the plain reduction scored by layer-major passes;
+        the search (EEP's merging phase, from the plain reduction) scores each candidate with
+        a pass of its own, its time measured and printed before it starts
+        (prune_experts.search_streaming). A text fitness is the KL to the original's top-K."""
         _, before = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
                            what=("fitness",))
-        # the reduced model's history is the original's until this pass returns: the key
-        # names the change, or the two passes would resume each other's states
-        _, after = stream(ctx.engine, plain, calib, None,
-                          StreamingFitness(calib, before if calib.kind == "text" else None),
-                          what=("fitness", self.name, self.k))
-        report.update({"fitness_before": round(before.value(), 6),
-                       "fitness_plain": round(after.value(), 6),
-                       "fitness": round(after.value(), 6), "executor": "streaming",
+        reference = before if calib.kind == "text" else None
+        report.update({"fitness_before": round(before.value(), 6), "executor": "streaming"})
+        if self.method == "plain":
+            # the reduced model's history is the original's until this pass returns: the key
+            # names the change, or the two passes would resume each other's states
+            _, after = stream(ctx.engine, plain, calib, None, StreamingFitness(calib, reference),
+                              what=("fitness", self.name, self.k))
+            report.update({"fitness_plain": round(after.value(), 6),
+                           "fitness": round(after.value(), 6),
+                           "seconds": round(time.monotonic() - t0, 2)})
+            return PassResult(plain, True, report)
+        layers = moe_layers(plain)
+        identity = {i: keep_plan(list(range(n_experts)), n_experts) for i in layers}
+        scored: dict[tuple, float] = {}  # a candidate's fitness, by its plans
+
+        def fitness(plans: dict) -> float:
+            key = tuple(plan_key(plans.get(layer)) for layer in layers)
+            if key not in scored:
+                _, after = stream(ctx.engine, apply_plans(plain, plans, router_mode="logits"),
+                                  calib, None, StreamingFitness(calib, reference))
+                scored[key] = after.value()
+            return scored[key]
+
+        searched: dict = {}
+        plans = search_streaming({"plain": identity}, fitness, layers, n_experts, n_experts,
+                                 self.config or EEPConfig(seed=ctx.seed), "logits",
+                                 ctx.progress, searched)
+        report.update({"fitness_plain": round(fitness(identity), 6),
+                       "fitness": round(fitness(plans), 6), **searched,
+                       "layers": {str(i): p.to_dict() for i, p in plans.items()},
                        "seconds": round(time.monotonic() - t0, 2)})
-        return PassResult(plain, True, report)
+        return PassResult(apply_plans(plain, plans, router_mode="logits"), True, report)
 
     def summary(self, report: dict) -> str:
         k, before = report["top_k"], report["top_k_before"]

@@ -10,12 +10,14 @@ the model) at each depth, and each command runs in a fresh process:
 - default: `moecompile MODEL -o OUT/` (lossless bf16, verified in llama.cpp);
 - quant: `--quant q4_k` (verified);
 - budget: `--budget` set to 60% of the lossless file's memory (types chosen by the layer-local
-  sensitivity; verified);
+  sensitivity; verified); budget-5gb: `--budget 5GB` (the issue's target at 16 layers), both
+  printing their ETA first (the log keeps it; compare with the wall time);
 - frequency / reap / reconstruct: `--experts 32 --prune-method frequency|reap|reconstruct
   --no-verify` (reconstruct: NAEE's layer-local search over sampled subsets);
 - eep: `--experts 32 --search-budget 10 --no-verify` (each candidate one streaming pass; the
   default 400 evaluations are refused at this size with their measured ETA, also recorded as
-  eep-default); topk: `--top-k 4` (search), refused at this size, recorded.
+  eep-default); topk: `--top-k 4 --search-budget 5` (EEP's merging phase, one streaming pass
+  per candidate), topk-default: its default length, refused with the measured ETA.
 
 Memory is measured twice per run: moecompile's own process (RUSAGE_SELF at its exit) and the
 largest child it started (llama.cpp's verification process, which maps the whole file: what
@@ -109,7 +111,9 @@ def commands(lossless_bytes: int) -> dict[str, list[str]]:
         "reconstruct": ["--experts", "32", "--prune-method", "reconstruct", "--no-verify"],
         "eep": ["--experts", "32", "--search-budget", "10", "--no-verify"],
         "eep-default": ["--experts", "32", "--no-verify"],
-        "topk": ["--top-k", "4", "--no-verify"],
+        "budget-5gb": ["--budget", "5GB"],
+        "topk": ["--top-k", "4", "--search-budget", "5", "--no-verify"],
+        "topk-default": ["--top-k", "4", "--no-verify"],
     }
 
 

@@ -37,7 +37,10 @@ CACHE_BYTES = 1 << 30
 
 class FitnessEvaluator:
     def __init__(self, model: ir.Model, calib: CalibSet, device: str = "cpu",
-                 router_mode: str = "onehot"):
+                 router_mode: str = "onehot", reference: ir.Model | None = None):
+        """`reference`: the model whose next-token distributions a text fitness measures the
+        KL to (default: `model` itself; a top-k search passes the original, as the candidates
+        run a reduced top-k whose own output is no target)."""
         self.model = model
         self.calib = calib
         self.router_mode = router_mode
@@ -59,8 +62,9 @@ class FitnessEvaluator:
         self.cache_hits = 0
         self.reference_logp = None
         if calib.kind == "text":
+            source = self.ex if reference is None else ReferenceExecutor(reference, device)
             with torch.no_grad():
-                self.reference_logp = self._logp(self.ex.logits(ids, calib.mask.to(self.device)))
+                self.reference_logp = self._logp(source.logits(ids, calib.mask.to(self.device)))
 
     # ------------------------------------------------------------------ public
     def fitness(self, plans: dict[int, LayerPlan]) -> float:

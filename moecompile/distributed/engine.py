@@ -33,8 +33,8 @@ class Engine:
         self.tasks += len(shards)
         return [task(shared, shard, self.device) for shard in shards]
 
-    def candidates(self, model, calib, router_mode: str = "onehot"):
-        scorer = LocalCandidates(model, calib, self.device, router_mode)
+    def candidates(self, model, calib, router_mode: str = "onehot", reference=None):
+        scorer = LocalCandidates(model, calib, self.device, router_mode, reference)
         self.scorers.append(scorer)
         return scorer
 
@@ -61,10 +61,11 @@ class LocalCandidates:
 
     parallel = 1
 
-    def __init__(self, model, calib, device: str, router_mode: str):
+    def __init__(self, model, calib, device: str, router_mode: str, reference=None):
         from moecompile.analysis.fitness import FitnessEvaluator
 
-        self.evaluator = FitnessEvaluator(model, calib, device, router_mode=router_mode)
+        self.evaluator = FitnessEvaluator(model, calib, device, router_mode=router_mode,
+                                          reference=reference)
 
     def submit(self, plans):
         return plans

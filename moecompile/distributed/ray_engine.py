@@ -66,9 +66,9 @@ class Worker:
         if evaluator is None:
             from moecompile.analysis.fitness import FitnessEvaluator
 
-            model, calib = ray.get(refs)
-            evaluator = self.evaluators[key] = FitnessEvaluator(model, calib, self.device,
-                                                                router_mode=router_mode)
+            model, calib, reference = ray.get(refs)
+            evaluator = self.evaluators[key] = FitnessEvaluator(
+                model, calib, self.device, router_mode=router_mode, reference=reference)
         return evaluator.fitness(plans)
 
     def release(self, key: int) -> tuple[int, int]:
@@ -256,8 +256,8 @@ class RayEngine(Engine):
         self.tasks += len(shards)
         return [self._collect(t) for t in tickets]
 
-    def candidates(self, model, calib, router_mode: str = "onehot"):
-        scorer = RayCandidates(self, model, calib, router_mode)
+    def candidates(self, model, calib, router_mode: str = "onehot", reference=None):
+        scorer = RayCandidates(self, model, calib, router_mode, reference)
         self.scorers.append(scorer)
         return scorer
 
@@ -296,10 +296,11 @@ class RayCandidates:
     for the driver's round trip (measured on the bundled model, 2 workers on 2 idle cores:
     search 5.5 s with one in flight per worker, in-process 4.1 s)."""
 
-    def __init__(self, engine: RayEngine, model, calib, router_mode: str):
+    def __init__(self, engine: RayEngine, model, calib, router_mode: str, reference=None):
         self.engine = engine
         self.key = next(engine._keys)
-        self.refs = [ray.put(model), ray.put(calib)]  # nested in a list: fetched on first use
+        # nested in a list: fetched on first use
+        self.refs = [ray.put(model), ray.put(calib), ray.put(reference)]
         self.router_mode = router_mode
         self.submitted = 0
         self.evaluations = self.cache_hits = 0

@@ -149,14 +149,58 @@ def test_drops_at_real_size_choose_and_score_as_token_major(mixtral, monkeypatch
     assert large["fitness_before"] == pytest.approx(small["fitness_before"], abs=1e-5)
 
 
-def test_plain_top_k_at_real_size_and_search_refused(mixtral, monkeypatch):
-    from moecompile.errors import UserError
+def test_top_k_at_real_size_plain_and_searched_as_token_major(mixtral, monkeypatch):
+    """Above the streaming threshold plain top-k is scored by passes, and the search scores
+    each candidate with a pass of its own: the same steps to the same merge and router
+    matrices and fitness as the token-major search."""
     from moecompile.runtime import streaming
 
     _, model, calib = mixtral
-    _, small = reduce_top_k(model, 1, "plain", calib)
+    config = EEPConfig(evaluations=12, seed=3)
+    _, small_plain = reduce_top_k(model, 1, "plain", calib)
+    _, small = reduce_top_k(model, 1, "search", calib, config=config)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
-    _, large = reduce_top_k(model, 1, "plain", calib)
-    assert large["fitness"] == pytest.approx(small["fitness"], abs=1e-5)
-    with pytest.raises(UserError, match="--topk-method plain"):
-        reduce_top_k(model, 1, "search", calib)
+    _, large_plain = reduce_top_k(model, 1, "plain", calib)
+    _, large = reduce_top_k(model, 1, "search", calib, config=config)
+    assert large_plain["fitness"] == pytest.approx(small_plain["fitness"], abs=1e-5)
+    assert large["executor"] == "streaming" and large["evaluations"] == small["evaluations"]
+    assert large["layers"] == small["layers"] and large["fitness"] >= large["fitness_plain"]
+    for key in ("fitness", "fitness_plain", "fitness_before"):
+        assert large[key] == pytest.approx(small[key], abs=1e-5), key
+    assert large["eta_seconds"] > 0
+
+
+def test_a_long_top_k_search_at_real_size_is_refused_unless_sized(mixtral, monkeypatch):
+    from moecompile.errors import UserError
+    from moecompile.passes import prune_experts as module
+    from moecompile.runtime import streaming
+
+    _, model, calib = mixtral
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(module, "ETA_LIMIT", 0.0)
+    with pytest.raises(UserError, match="--search-budget.*--topk-method plain"):
+        reduce_top_k(model, 1, "search", calib, config=EEPConfig(evaluations=400))
+    _, report = reduce_top_k(model, 1, "search", calib,
+                             config=EEPConfig(evaluations=4, asked=True))
+    assert report["evaluations"] == 4
+
+
+def test_top_k_search_on_text_measures_the_kl_to_the_original(tiny_model, tmp_path,
+                                                              monkeypatch):
+    """With text calibration the fitness is minus the KL to the original model, for the plain
+    reduction too (it was measured against the plain reduction itself: always 0, so the
+    search could only lose); in memory and at real size alike."""
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("mixtral", num_hidden_layers=3))
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(60)))
+    calib = build_calib(model, str(text), 3)
+    config = EEPConfig(evaluations=8, seed=3)
+    _, small = reduce_top_k(model, 1, "search", calib, config=config)
+    assert small["fitness_before"] == 0.0 and small["fitness_plain"] < -1e-4
+    assert small["fitness"] >= small["fitness_plain"]
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    _, large = reduce_top_k(model, 1, "search", calib, config=config)
+    assert large["fitness_plain"] == pytest.approx(small["fitness_plain"], rel=1e-3)
+    assert large["layers"] == small["layers"]
