@@ -30,6 +30,8 @@ from moecompile.runtime.resume import cache_root
 
 
 class RoundedStore:
+    """The kept bytes of one command's rounded weights, by (IR path, ggml type)."""
+
     def __init__(self):
         self._folder: Path | None = None
         self._files: dict[int, object] = {}

@@ -40,8 +40,7 @@ from . import check, eta, imatrix_dat, memory, offload, writer
 from .reader import FileNumerics, read_tensors
 from .rounded import RoundedStore
 from .types import DTYPES, Q, block_size, encode, ggml as ggml_type, keeps_f32, parse_type
-from .types import roundtrip
-from .types import stored_type, tensor_bytes
+from .types import roundtrip, stored_type, tensor_bytes
 
 log = logging.getLogger("moecompile")
 
