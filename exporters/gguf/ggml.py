@@ -109,8 +109,8 @@ def quantize(values: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) 
 
     for first, valid in zip(range(0, rows, step), _map(chunk, range(0, rows, step))):
         if not valid:
-            raise ValueError(f"ggml type {qtype}: quantized rows {first}..{min(first + step, rows)} are "
-                             "invalid (non-finite weights?)")
+            raise ValueError(f"ggml type {qtype}: quantized rows {first}.."
+                             f"{min(first + step, rows)} are invalid (non-finite weights?)")
     return out
 
 

@@ -5,7 +5,8 @@ process or on Ray workers, so both are the same operation (shared/research/scale
 - `map(task, shared, shards)`: data parallelism. `task(shared, shard, device)` for every
   shard, results in shard order; a calibration pass splits its rows into `workers` shards
   and merges the observer states the shards return (analysis/shards.py);
-- `candidates(model, calib, router_mode)`: candidate parallelism. A `Scorer` (eep.py) whose
+- `candidates(model, calib, router_mode, reference)`: candidate parallelism (a text fitness
+  is the KL to `reference`, default the model itself). A `Scorer` (eep.py) whose
   fitness evaluators live where the work runs: here one `FitnessEvaluator` in this process;
   on Ray one per worker, each built once from the model IR and calibration set, scoring
   plans (small matrices) sent to it;
