@@ -115,13 +115,7 @@ class PruneExperts(Pass):
                 result = search(scorer, layers, n_experts, n_keep, starts, config,
                                 router_mode, ctx.progress)
                 plans = result.plans
-                report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
-                report["phase1_best"] = _finite(result.phase1_best)
-                report["evaluations"] = result.evaluations
-                report["search_batch"] = config.batch
-                step = max(1, len(result.history) // HISTORY_POINTS)
-                report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
-                report["router_mode"] = router_mode
+                report.update(_search_report(result, config, router_mode))
             else:
                 plans = baselines.choose(method, model, io, n_keep, ctx.seed, ctx.device)
             report["fitness"] = round(scorer.score(plans), 6)
@@ -254,13 +248,20 @@ def search_streaming(starts: dict, fitness, layers: list[int], n_experts: int, n
     if progress:
         tqdm.write(line, file=sys.stderr)
     result = search(fitness, layers, n_experts, n_keep, starts, config, router_mode, progress)
-    report["baseline_fitness"] = {k: round(v, 6) for k, v in result.initial.items()}
-    report["phase1_best"] = _finite(result.phase1_best)
-    report["evaluations"] = result.evaluations
-    report["search_batch"] = config.batch
-    report["seconds_per_evaluation"] = round(result.seconds / max(result.evaluations, 1), 2)
-    report["eta_seconds"] = round(eta, 1)
-    step = max(1, len(result.history) // HISTORY_POINTS)
-    report["history"] = [[n, round(f, 6)] for n, f in result.history[::step]]
-    report["router_mode"] = router_mode
+    report.update(_search_report(
+        result, config, router_mode,
+        seconds_per_evaluation=round(result.seconds / max(result.evaluations, 1), 2),
+        eta_seconds=round(eta, 1)))
     return result.plans
+
+
+def _search_report(result, config: EEPConfig, router_mode: str, **timing) -> dict:
+    """What a search adds to the pass's report, in memory and at real size alike (`timing`:
+    the streaming search's time per evaluation and ETA, between the counts and the history,
+    where the report has always held them)."""
+    step = max(1, len(result.history) // HISTORY_POINTS)
+    return {"baseline_fitness": {k: round(v, 6) for k, v in result.initial.items()},
+            "phase1_best": _finite(result.phase1_best), "evaluations": result.evaluations,
+            "search_batch": config.batch, **timing,
+            "history": [[n, round(f, 6)] for n, f in result.history[::step]],
+            "router_mode": router_mode}
