@@ -16,7 +16,8 @@ from .widths import WidthRequest, parse as parse_width
 
 DEFAULT_EVALUATIONS = 400  # EEP's search length (the released config's total_iter)
 # children EEP makes from one archive state: how many candidates workers can score at once
-# (analysis/eep.py `search`); the same with and without --ray, so both find the same
+# (analysis/eep.py `search`); the same with and without --ray, so both find the same; the
+# Python API's default too (EEPConfig.batch)
 DEFAULT_SEARCH_BATCH = 8
 
 

@@ -22,7 +22,8 @@ from dataclasses import replace
 from moecompile import ir
 from moecompile.analysis.eep import EEPConfig, search
 from moecompile.analysis.expert_plan import apply_plans, keep_plan, moe_layers
-from moecompile.analysis.fitness import StreamingFitness, plan_key
+from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.population import candidates_at_size
 from moecompile.analysis.shards import stream
 from moecompile.errors import UserError
 from moecompile.runtime.streaming import streams
@@ -127,22 +128,13 @@ class ReduceTopK(Pass):
             return PassResult(plain, True, report)
         layers = moe_layers(plain)
         identity = {i: keep_plan(list(range(n_experts)), n_experts) for i in layers}
-        scored: dict[tuple, float] = {}  # a candidate's fitness, by its plans
-
-        def fitness(plans: dict) -> float:
-            key = tuple(plan_key(plans.get(layer)) for layer in layers)
-            if key not in scored:
-                _, after = stream(ctx.engine, apply_plans(plain, plans, router_mode="logits"),
-                                  calib, None, StreamingFitness(calib, reference))
-                scored[key] = after.value()
-            return scored[key]
-
+        config = self.config or EEPConfig(seed=ctx.seed)
+        scorer = candidates_at_size(ctx.engine, plain, calib, "logits", reference, config.batch)
         searched: dict = {}
-        plans = search_streaming({"plain": identity}, fitness, layers, n_experts, n_experts,
-                                 self.config or EEPConfig(seed=ctx.seed), "logits",
-                                 ctx.progress, searched)
-        report.update({"fitness_plain": round(fitness(identity), 6),
-                       "fitness": round(fitness(plans), 6), **searched,
+        plans = search_streaming({"plain": identity}, scorer, layers, n_experts, n_experts,
+                                 config, "logits", ctx.progress, searched)
+        report.update({"fitness_plain": round(scorer.score(identity), 6),
+                       "fitness": round(scorer.score(plans), 6), **searched,
                        "layers": {str(i): p.to_dict() for i, p in plans.items()},
                        "seconds": round(time.monotonic() - t0, 2)})
         return PassResult(apply_plans(plain, plans, router_mode="logits"), True, report)

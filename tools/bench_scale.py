@@ -14,10 +14,11 @@ the model) at each depth, and each command runs in a fresh process:
   printing their ETA first (the log keeps it; compare with the wall time);
 - frequency / reap / reconstruct: `--experts 32 --prune-method frequency|reap|reconstruct
   --no-verify` (reconstruct: NAEE's layer-local search over sampled subsets);
-- eep: `--experts 32 --search-budget 10 --no-verify` (each candidate one streaming pass; the
-  default 400 evaluations are refused at this size with their measured ETA, also recorded as
-  eep-default); topk: `--top-k 4 --search-budget 5` (EEP's merging phase, one streaming pass
-  per candidate), topk-default: its default length, refused with the measured ETA.
+- eep: `--experts 32 --search-budget 10 --no-verify` (a generation of candidates per
+  layer-major pass; the default 400 evaluations are refused at this size with their measured
+  ETA, also recorded as eep-default); topk: `--top-k 4 --search-budget 5` (EEP's merging
+  phase, the same way), topk-default: its default length, refused with the measured ETA.
+  tools/bench_population.py compares a generation per pass with a pass per candidate.
 
 Memory is measured twice per run: moecompile's own process (RUSAGE_SELF at its exit) and the
 largest child it started (llama.cpp's verification process, which maps the whole file: what

@@ -66,7 +66,10 @@ class EEPConfig:
     threshold_phase1: float = 0.03  # 3 accuracy points, as a fraction
     threshold_phase2: float = 0.01
     parents_rank: int = 6
-    batch: int = 1  # children made from one archive state (see search)
+    # children made from one archive state (see search): a generation, which workers score
+    # side by side and a search at real size scores in one pass (population.py); the CLI's
+    # --search-batch default
+    batch: int = 8
     seed: int = SEED
     asked: bool = False  # the length came from the user (--search-budget), not the default
 

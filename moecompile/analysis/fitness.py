@@ -125,34 +125,43 @@ class FitnessEvaluator:
         h = ex.attention_residual(i, h, self.mask, self.positions)
         if plan is None:
             return ex.ffn_residual(i, h)
-        return h + self._planned_moe(i, self.model.blocks[i].ffn, ex.ffn_input(i, h), plan)
+        return h + self._planned_moe(i, ex.ffn_input(i, h), plan)
 
-    def _planned_moe(self, i: int, moe: ir.MoE, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def _planned_moe(self, i: int, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         gate, up, down = self.ex.experts_stacked(i)  # built once, on a candidate's first use
         if is_one_hot(plan.merge):
-            rows = torch.tensor(plan.kept, device=self.device)
-            gate, up, down = gate[rows], up[rows], down[rows]
-        else:
-            m = torch.tensor(plan.merge, dtype=torch.float32, device=self.device)
-            gate, up, down = (torch.einsum("je,e...->j...", m, w) for w in (gate, up, down))
-        # the candidate's router, as `apply_plans` would write it; the executor routes
-        router_w = self.ex.w(f"blocks.{i}.ffn.router.weight")
-        mapping = torch.tensor(plan.router, dtype=torch.float32, device=self.device)
-        router_map = None
-        if self.router_mode == "exact" and not is_one_hot(plan.router):
-            logits, router_map = x @ router_w.T, mapping
-        elif self.router_mode == "logits" and not is_one_hot(plan.router):
-            logits = x @ (mapping @ router_w).T
-        else:
-            rows = torch.tensor(plan.router_rows, device=self.device)
-            logits = x @ router_w[rows].T
-        idx, weights = route(moe, logits, router_map, top_k=min(moe.top_k, gate.shape[0]))
-        out = combine_experts(x, idx, weights,
-                              lambda e, tok: swiglu(x[tok], gate[e], up[e], down[e]))
-        shared = self.ex.shared_expert(i, x)
-        return (out if shared is None else out + shared).reshape(shape)
+            kept = plan.kept
+            return planned_moe(self.ex, i, x, plan, self.router_mode,
+                               lambda j: (gate[kept[j]], up[kept[j]], down[kept[j]]))
+        m = torch.tensor(plan.merge, dtype=torch.float32, device=self.device)
+        merged = [torch.einsum("je,e...->j...", m, w) for w in (gate, up, down)]
+        return planned_moe(self.ex, i, x, plan, self.router_mode,
+                           lambda j: tuple(w[j] for w in merged))
+
+
+def planned_moe(ex: ReferenceExecutor, i: int, x: torch.Tensor, plan: LayerPlan,
+                router_mode: str, slot_weights) -> torch.Tensor:
+    """Block i's MoE on tokens x as `apply_plans` would rebuild it from `plan`, computed from
+    the original model's weights (executor `ex`) without building that model:
+    `slot_weights(j)` gives slot j's (gate, up, down), an original expert or a merge."""
+    moe = ex.model.blocks[i].ffn
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    # the candidate's router, as `apply_plans` would write it; the executor routes
+    router_w = ex.w(f"blocks.{i}.ffn.router.weight")
+    mapping = torch.tensor(plan.router, dtype=torch.float32, device=ex.device)
+    router_map = None
+    if router_mode == "exact" and not is_one_hot(plan.router):
+        logits, router_map = x @ router_w.T, mapping
+    elif router_mode == "logits" and not is_one_hot(plan.router):
+        logits = x @ (mapping @ router_w).T
+    else:
+        rows = torch.tensor(plan.router_rows, device=ex.device)
+        logits = x @ router_w[rows].T
+    idx, weights = route(moe, logits, router_map, top_k=min(moe.top_k, len(plan.merge)))
+    out = combine_experts(x, idx, weights, lambda j, tok: swiglu(x[tok], *slot_weights(j)))
+    shared = ex.shared_expert(i, x)
+    return (out if shared is None else out + shared).reshape(shape)
 
 
 def plan_key(plan: LayerPlan | None) -> bytes:

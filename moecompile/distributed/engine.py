@@ -24,6 +24,7 @@ class Engine:
 
     name = "in-process"
     workers = 1
+    distributed = False  # work given to it runs in this process
 
     def __init__(self, device: str = "cpu"):
         self.device = device

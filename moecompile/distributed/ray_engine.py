@@ -102,6 +102,7 @@ class _Ticket:
 
 class RayEngine(Engine):
     name = "ray"
+    distributed = True
 
     def __init__(self, address: Address, device: str | None = None):
         super().__init__(device or "auto")

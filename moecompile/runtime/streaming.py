@@ -194,38 +194,22 @@ class StreamingExecutor(ReferenceExecutor):
         ids = torch.as_tensor(ids, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         h, mask, positions = self.embed(ids, attention_mask)
-        real = (torch.ones(ids.shape, dtype=torch.bool, device=self.device)
-                if attention_mask is None else torch.as_tensor(attention_mask).bool().to(self.device))
-        # the real tokens' rows of the flattened states, gathered by index (a boolean mask is
-        # slower); with no padding every row is real and blocks pass states on without a copy
-        rows = real.reshape(-1).nonzero(as_tuple=True)[0]
-        padded = len(rows) < real.numel()
+        real, rows, padded = self.layout(ids, attention_mask)
         self.release()
         start = 0
         saved = resume.load() if resume is not None else None
         if saved is not None:
             h, start = saved["h"].to(self.device), saved["next"]
             self.observer.load_state(saved["observer"])
-        b = self.sequence_batch
         bar = tqdm(total=len(self.model.blocks), initial=start, desc=self.progress, unit="block",
                    disable=self.progress is None)
         for i in range(start, len(self.model.blocks)):
             self.advise(i + 1)
-            # attention writes a new tensor, so the block's input stays as it was
-            after = torch.empty_like(h)
-            for s in range(0, h.shape[0], b):
-                self.real_rows = real[s:s + b].reshape(-1)
-                after[s:s + b] = self.attention_residual(i, h[s:s + b], mask[s:s + b],
-                                                         positions[s:s + b])
-            self.real_rows = None
-            h_in, h_mid = (_real(z, rows, padded) for z in (h, after))
+            after = self.attend(i, h, mask, positions, real)
+            h_in, h_mid = (real_states(z, rows, padded) for z in (h, after))
             h_out = self.ffn_residual(i, h_mid)
             self.observer.block(i, h_in, h_mid, h_out)
-            if padded:  # padding keeps its state after attention (no FFN ever sees it)
-                after.view(-1, after.shape[-1]).index_copy_(0, rows, h_out)
-                h = after
-            else:
-                h = h_out.view(h.shape)
+            h = with_ffn(after, h_out, rows, padded, in_place=True)
             self.release()
             self.blocks_run += 1
             bar.update(1)
@@ -233,18 +217,45 @@ class StreamingExecutor(ReferenceExecutor):
                 resume.save({"h": h.cpu(), "next": i + 1, "observer": self.observer.state()})
         bar.close()
         if head is not None:
-            flat = h.reshape(-1, h.shape[-1])
-            for start in range(0, len(rows), HEAD_ROWS):
-                chunk = rows[start:start + HEAD_ROWS]
-                normed = self.norm(flat[chunk], "final_norm")
-                if head is HEAD_INPUT:
-                    self.numerics.input("lm_head", normed)
-                else:
-                    head(chunk, self.linear(normed, "lm_head"))
+            self.run_head(h, rows, head)
             self.release()
         if resume is not None:
             resume.done()
         return h
+
+    def run_head(self, h: torch.Tensor, rows: torch.Tensor,
+                 head: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """The output head on the final states h (B, T, D) at the real tokens `rows`, in
+        chunks of HEAD_ROWS: `head(rows, logits)` (see `run`)."""
+        flat = h.reshape(-1, h.shape[-1])
+        for start in range(0, len(rows), HEAD_ROWS):
+            chunk = rows[start:start + HEAD_ROWS]
+            normed = self.norm(flat[chunk], "final_norm")
+            if head is HEAD_INPUT:
+                self.numerics.input("lm_head", normed)
+            else:
+                head(chunk, self.linear(normed, "lm_head"))
+
+    def layout(self, ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """(real, rows, padded): which positions (B, T) are real tokens, their rows in the
+        flattened states, gathered by index (a boolean mask is slower), and whether any
+        position is padding (without, blocks pass states on without a copy)."""
+        real = (torch.ones(ids.shape, dtype=torch.bool, device=self.device)
+                if attention_mask is None else torch.as_tensor(attention_mask).bool().to(self.device))
+        rows = real.reshape(-1).nonzero(as_tuple=True)[0]
+        return real, rows, len(rows) < real.numel()
+
+    def attend(self, i: int, h: torch.Tensor, mask, positions, real: torch.Tensor) -> torch.Tensor:
+        """Block i's first half on states h (B, T, D), in batches of sequences; a new tensor,
+        so h stays as it was. `real` (B, T): which positions are real tokens."""
+        after = torch.empty_like(h)
+        b = self.sequence_batch
+        for s in range(0, h.shape[0], b):
+            self.real_rows = real[s:s + b].reshape(-1)
+            after[s:s + b] = self.attention_residual(i, h[s:s + b], mask[s:s + b],
+                                                     positions[s:s + b])
+        self.real_rows = None
+        return after
 
     def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """As the token-major executor, but the embedding table is dropped after the lookup."""
@@ -259,10 +270,23 @@ class StreamingExecutor(ReferenceExecutor):
         self.observer.expert(i, e, rows, out, weights, idx)
 
 
-def _real(h: torch.Tensor, rows: torch.Tensor, padded: bool) -> torch.Tensor:
+def real_states(h: torch.Tensor, rows: torch.Tensor, padded: bool) -> torch.Tensor:
     """The real tokens' states (N, D) of h (B, T, D): a view when there is no padding."""
     flat = h.view(-1, h.shape[-1])
     return flat.index_select(0, rows) if padded else flat
+
+
+def with_ffn(after: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor, padded: bool,
+             in_place: bool = False) -> torch.Tensor:
+    """The block's output (B, T, D): the FFN's output at the real tokens `rows` (N, D) and
+    the state after attention at padding (no FFN ever sees it). `in_place` writes into
+    `after` (a pass of one model); otherwise it stays as it was (several candidates' FFNs
+    follow one attention)."""
+    if not padded:
+        return h_out.view(after.shape)
+    out = after if in_place else after.clone()
+    out.view(-1, out.shape[-1]).index_copy_(0, rows, h_out)
+    return out
 
 
 def _loads(tensor: ir.Tensor):

@@ -131,7 +131,7 @@ def test_reconstruct_with_all_but_one_expert_drops_the_least_harmful(tiny_model,
         errors = {}
         for dropped in range(8):
             plan = keep_plan([e for e in range(8) if e != dropped], 8)
-            diff = ev._planned_moe(layer, model.blocks[layer].ffn, io[layer].x, plan) - io[layer].y
+            diff = ev._planned_moe(layer, io[layer].x, plan) - io[layer].y
             per_example = torch.zeros(calib.n_examples, dtype=torch.float64)
             per_example.index_add_(0, io[layer].example, diff.double().pow(2).sum(-1))
             errors[dropped] = float(per_example.sqrt().sum())
