@@ -155,20 +155,26 @@ class PruneExperts(Pass):
 
         config = self.config or EEPConfig(seed=ctx.seed)
         scorer = candidates_at_size(ctx.engine, model, calib, self.router_mode,
-                                    original if calib.kind == "text" else None, config.batch)
+                                    original if calib.kind == "text" else None, config.batch,
+                                    search=self.method == "eep")
         search_report: dict = {}
-        if self.method == "eep":
-            plans = search_streaming(starts, scorer, moe_layers(model), n_experts, self.n_keep,
-                                     config, self.router_mode, ctx.progress, search_report)
-        else:
-            plans = starts[self.method]
+        try:
+            if self.method == "eep":
+                plans = search_streaming(starts, scorer, moe_layers(model), n_experts,
+                                         self.n_keep, config, self.router_mode, ctx.progress,
+                                         search_report)
+            else:
+                plans = starts[self.method]
+            fitness = scorer.score(plans)
+        finally:
+            scorer.close()
         report = {"pass": self.name, "method": self.method, "experts": self.n_keep,
                   "experts_before": n_experts, "calib": calib.spec,
                   "calib_examples": calib.n_examples,
                   "fitness_kind": "accuracy" if calib.kind == "tasks" else "neg_kl",
                   "seed": ctx.seed, "executor": "streaming",
                   "fitness_unpruned": round(original.value(), 6),
-                  "fitness": round(scorer.score(plans), 6),
+                  "fitness": round(fitness, 6),
                   "coverage": router.coverage(),
                   "seconds": round(time.monotonic() - t0, 2),
                   "layers": {str(layer): plan.to_dict() for layer, plan in plans.items()},

@@ -131,10 +131,14 @@ class ReduceTopK(Pass):
         config = self.config or EEPConfig(seed=ctx.seed)
         scorer = candidates_at_size(ctx.engine, plain, calib, "logits", reference, config.batch)
         searched: dict = {}
-        plans = search_streaming({"plain": identity}, scorer, layers, n_experts, n_experts,
-                                 config, "logits", ctx.progress, searched)
-        report.update({"fitness_plain": round(scorer.score(identity), 6),
-                       "fitness": round(scorer.score(plans), 6), **searched,
+        try:
+            plans = search_streaming({"plain": identity}, scorer, layers, n_experts, n_experts,
+                                     config, "logits", ctx.progress, searched)
+            fitness_plain, fitness = scorer.score(identity), scorer.score(plans)
+        finally:
+            scorer.close()
+        report.update({"fitness_plain": round(fitness_plain, 6),
+                       "fitness": round(fitness, 6), **searched,
                        "layers": {str(i): p.to_dict() for i, p in plans.items()},
                        "seconds": round(time.monotonic() - t0, 2)})
         return PassResult(apply_plans(plain, plans, router_mode="logits"), True, report)

@@ -176,6 +176,9 @@ class Scorer:
     def score(self, plans: dict[int, LayerPlan]) -> float:
         return self.result(self.submit(plans))
 
+    def close(self) -> None:
+        pass
+
 
 def as_scorer(evaluate) -> Scorer:
     return evaluate if hasattr(evaluate, "submit") else Scorer(evaluate)

@@ -13,9 +13,9 @@ generation can share what a pass per candidate repeats:
   over the stack (as the in-memory evaluator builds them), `MERGE_CHUNK` slots at a time;
 - candidates are grouped by their plans of the layers above: a group shares its hidden
   states and its attention; it splits where its plans for a layer differ;
-- hidden states at MoE block boundaries are kept across generations in an LRU cache of
-  `STATE_CACHE_BYTES`, keyed by the plans above the boundary, so a child that differs from
-  its parent only in deep layers starts from its parent's state (most children do);
+- hidden states at MoE block boundaries are kept across generations on disk
+  (kept_states.py), keyed by the plans above the boundary, so a child that differs from its
+  parent only in deep layers starts from its parent's state (most children do);
 - the pre-MoE part and the embedding are computed once, and the output head only at the
   tokens the fitness scores (a task's answers).
 
@@ -26,8 +26,6 @@ own gives to float tolerance (tested).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from moecompile import ir
@@ -37,20 +35,21 @@ from .calibration import CalibSet
 from .eep import Scorer
 from .expert_plan import LayerPlan, apply_plans, is_one_hot, moe_layers
 from .fitness import StreamingFitness, plan_key, planned_moe
+from .kept_states import KeptStates
 
-STATE_CACHE_BYTES = 256 << 20  # hidden states kept across generations
 MERGE_CHUNK = 8  # merged slots built by one product over the stacked experts
 
 
 def candidates_at_size(engine, model: ir.Model, calib: CalibSet, router_mode: str,
-                       reference: StreamingFitness | None, batch: int):
+                       reference: StreamingFitness | None, batch: int, search: bool = True):
     """The scorer of a search at real size. In this process: generations scored by one
     pass each (`PopulationScorer`). On an engine with several workers: each candidate by a
     streaming pass of its own whose token shards go to the workers (analysis/shards.py): the
-    workers share a candidate's pass, not a generation's. Either scores a candidate once."""
+    workers share a candidate's pass, not a generation's. Either scores a candidate once.
+    `search`: generations follow (states are kept for them), not one candidate alone."""
     if not engine.distributed:
         return PopulationScorer(PopulationFitness(model, calib, router_mode, reference,
-                                                  engine.device), batch)
+                                                  engine.device, keep_states=search), batch)
     from .shards import stream
 
     scored: dict[tuple, float] = {}
@@ -72,16 +71,17 @@ class PopulationFitness:
     for tasks."""
 
     def __init__(self, model: ir.Model, calib: CalibSet, router_mode: str,
-                 reference: StreamingFitness | None, device: str | None = None):
+                 reference: StreamingFitness | None, device: str | None = None,
+                 keep_states: bool = True):
         self.model, self.calib, self.router_mode = model, calib, router_mode
+        self.keep_states = keep_states
         self.reference = reference
         self.ex = StreamingExecutor(model, device)
         self.layers = moe_layers(model)
         self.first = self.layers[0]
         self.scored: dict[tuple, float] = {}
         self.evaluations = self.cache_hits = self.generations = 0
-        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._state_bytes = 0
+        self._states = KeptStates()
         ids = calib.ids.to(self.ex.device)
         with torch.no_grad():
             h, self.mask, self.positions = self.ex.embed(ids, calib.mask)
@@ -128,8 +128,8 @@ class PopulationFitness:
                 after = self.ex.attend(i, h, self.mask, self.positions, self.real)
                 for key, plan in plans.items():
                     following[key] = self._ffn(i, after, plan)
-                    if i + 1 in self.layers:
-                        self._remember((i + 1, key), following[key])
+                    if self.keep_states and i + 1 in self.layers:
+                        self._states.put((i + 1, key), following[key])
             live = following
             self.ex.release()
         out = {}
@@ -148,25 +148,15 @@ class PopulationFitness:
         """(block, state): the deepest kept state this candidate shares, or the first MoE
         block's input."""
         for pos in range(len(self.layers) - 1, 0, -1):
-            hit = self._states.get((self.layers[pos], key[:pos]))
+            hit = self._states.get((self.layers[pos], key[:pos]), self.ex.device)
             if hit is not None:
-                self._states.move_to_end((self.layers[pos], key[:pos]))
                 self.cache_hits += 1
                 return self.layers[pos], hit
         return self.first, self.h_first
 
-    def _remember(self, key: tuple, h: torch.Tensor) -> None:
-        if key in self._states:
-            self._states.move_to_end(key)
-            return
-        size = h.numel() * h.element_size()
-        if size > STATE_CACHE_BYTES:
-            return
-        while self._states and self._state_bytes + size > STATE_CACHE_BYTES:
-            _, old = self._states.popitem(last=False)
-            self._state_bytes -= old.numel() * old.element_size()
-        self._states[key] = h
-        self._state_bytes += size
+    def close(self) -> None:
+        """Remove the kept states."""
+        self._states.close()
 
     # ------------------------------------------------------------------ one block
     def _block(self, i: int, h: torch.Tensor, plan: LayerPlan | None) -> torch.Tensor:
@@ -256,3 +246,6 @@ class PopulationScorer:
 
     def score(self, plans: dict[int, LayerPlan]) -> float:
         return self.result(self.submit(plans))
+
+    def close(self) -> None:
+        self.fitness.close()

@@ -110,6 +110,11 @@ def test_each_block_is_read_once_per_generation_and_children_start_from_kept_sta
     # a candidate scored before is not scored again
     reads.clear()
     assert population.score(children[:1]) == got[:1] and not reads
+    # the kept states are files in the user's cache, removed at the end
+    folder = population._states._folder
+    assert folder is not None and any(folder.iterdir())
+    population.close()
+    assert not folder.exists()
 
 
 def test_the_python_api_searches_in_generations_as_the_cli_does():
