@@ -27,4 +27,25 @@ for device in ("cuda", "cpu"):
         torch.cuda.synchronize()
     print(f"streaming pass, {calib.n_tokens} tokens, 4 OLMoE layers, {device}: "
           f"{time.perf_counter() - t:.1f} s")
+# a search's candidates on the GPU: a pass per candidate against a generation per pass
+import sys
+sys.path.insert(0, "tests/analysis")
+from test_population import candidates
+from moecompile.analysis.expert_plan import apply_plans
+from moecompile.analysis.fitness import StreamingFitness
+from moecompile.analysis.population import PopulationFitness
+group = candidates(model, 0, 8)
+t = time.perf_counter()
+for plans in group:
+    fitness = StreamingFitness(calib)
+    StreamingExecutor(apply_plans(model, plans, "logits"), "cuda").run(calib.ids, calib.mask,
+                                                                        fitness.consume)
+torch.cuda.synchronize()
+each = (time.perf_counter() - t) / len(group)
+t = time.perf_counter()
+PopulationFitness(model, calib, "logits", None, "cuda").score(group)
+torch.cuda.synchronize()
+generation = (time.perf_counter() - t) / len(group)
+print(f"cuda, 8 candidates: a pass each {each:.2f} s a candidate, a generation per pass "
+      f"{generation:.2f} s a candidate ({each / generation:.2f}x)")
 PY

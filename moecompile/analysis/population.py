@@ -36,6 +36,7 @@ from .eep import Scorer
 from .expert_plan import LayerPlan, apply_plans, is_one_hot, moe_layers
 from .fitness import StreamingFitness, plan_key, planned_moe
 from .kept_states import KeptStates
+from .shards import stream
 
 MERGE_CHUNK = 8  # merged slots built by one product over the stacked experts
 
@@ -50,8 +51,6 @@ def candidates_at_size(engine, model: ir.Model, calib: CalibSet, router_mode: st
     if not engine.distributed:
         return PopulationScorer(PopulationFitness(model, calib, router_mode, reference,
                                                   engine.device, keep_states=search), batch)
-    from .shards import stream
-
     scored: dict[tuple, float] = {}
     layers = moe_layers(model)
 

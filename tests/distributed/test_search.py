@@ -102,3 +102,25 @@ def test_top_k_search_on_workers_equals_the_search_in_this_process(ray_engine, p
     assert ray_engine.scorers[-1].evaluations >= 24  # scored on the workers
     for (path, a), (_, b) in zip(here.tensors(), there.tensors()):
         assert torch.equal(a.value(), b.value()), path
+
+
+def test_a_search_at_real_size_on_workers_finds_what_this_process_finds(ray_engine, tiny_model,
+                                                                        monkeypatch):
+    """Above the streaming threshold a search in this process scores a generation per pass
+    (analysis/population.py); on workers each candidate is a pass of its own whose token
+    shards go to the workers. Both take the same steps to the same experts and merges."""
+    from moecompile.passes.base import apply
+    from moecompile.passes.prune_experts import PruneExperts
+    from moecompile.runtime import streaming
+
+    model = frontend.load(tiny_model("qwen3_moe"))
+    calib = build_calib(model, "add,sort", 4)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    run = PruneExperts(2, "eep", EEPConfig(evaluations=24, discrete_evals=12, max_init=4,
+                                           batch=4, seed=5, asked=True))
+    _, here = apply(run, model, calib)
+    _, there = apply(run, model, calib, engine=ray_engine)
+    assert "generations" in here and "generations" not in there
+    assert here["evaluations"] == there["evaluations"] == 24
+    assert here["layers"] == there["layers"]
+    assert here["fitness"] == pytest.approx(there["fitness"], abs=1e-5)

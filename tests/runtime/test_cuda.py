@@ -58,3 +58,31 @@ def test_streaming_reconstruction_on_cuda_matches_the_cpu(tiny_model):
         got = found["cuda"].squares[layer]
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.max())), layer
         assert found["cuda"].best(layer) == found["cpu"].best(layer)
+
+
+def test_a_generation_on_cuda_scores_what_the_cpu_does(tiny_model):
+    """A search's generation scored in one pass (analysis/population.py) on the GPU: the CPU's
+    fitness values, one-hot and merging candidates alike."""
+    import numpy as np
+
+    from moecompile.analysis.expert_plan import LayerPlan, keep_plan, moe_layers
+    from moecompile.analysis.population import PopulationFitness
+
+    model = frontend.load(tiny_model("qwen3_moe"))
+    calib = build_calib(model, "add,sort", 4)
+    rng = np.random.default_rng(0)
+    n = model.blocks[moe_layers(model)[0]].ffn.n_experts
+    candidates = []
+    for c in range(4):
+        plans = {}
+        for i in moe_layers(model):
+            plan = keep_plan(sorted(rng.choice(n, n // 2, replace=False).tolist()), n)
+            if c % 2:
+                merge = plan.merge + 0.1 * rng.random(plan.merge.shape)
+                merge /= merge.sum(1, keepdims=True)
+                plan = LayerPlan(merge, merge.copy())
+            plans[i] = plan
+        candidates.append(plans)
+    got = {device: PopulationFitness(model, calib, "logits", None, device).score(candidates)
+           for device in ("cpu", "cuda")}
+    assert got["cuda"] == pytest.approx(got["cpu"], abs=1e-3)
