@@ -233,8 +233,8 @@ def search_streaming(starts: dict, scorer, layers: list[int], n_experts: int, n_
         eta = config.evaluations * each_seconds
         line = f"{each}: {config.evaluations} evaluations take about {_duration(eta)}"
         if population:
-            # measured on 4 OLMoE layers: 8.3 s an evaluation in generations, EEP's and the
-            # top-k search's merges alike, against 10 s for one alone
+            # measured on 4 OLMoE layers (tools/bench_population.py): 7.9 s an evaluation in
+            # generations (8.2 for the top-k search's merges), 9.75 s for one alone
             line += " or less (a generation shares its reads and its candidates' common layers)"
         elif config.evaluations > merging_from:
             # measured at 16 OLMoE layers: a merging candidate 75 s, a one-hot one 30 s
