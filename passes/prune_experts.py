@@ -134,8 +134,8 @@ class PruneExperts(Pass):
         """The same pass for a model too large to hold as float32: one layer-major pass of
         the original gathers the router statistics and its fitness (for reconstruct and EEP's
         starts, every subset's layer-local error: NAEE's search), the baseline chooses from
-        them, a second pass measures the pruned model's fitness. EEP scores each candidate
-        with a streaming pass of its own (`_search_streaming`)."""
+        them, a second pass measures the pruned model's fitness. EEP scores its candidates
+        layer-major, a generation per pass (`search_streaming`, analysis/population.py)."""
         n_experts = check_request(model, self.n_keep, self.method)
         t0 = time.monotonic()
         calib = ctx.calibration(model, "--experts")

@@ -110,8 +110,8 @@ class ReduceTopK(Pass):
 
     def _run_streaming(self, model, plain, ctx, calib, report, t0, n_experts) -> PassResult:
         """At real size: the original and the plain reduction scored by layer-major passes;
-        the search (EEP's merging phase, from the plain reduction) scores each candidate with
-        a pass of its own, its time measured and printed before it starts
+        the search (EEP's merging phase, from the plain reduction) scores its candidates a
+        generation per layer-major pass, its time measured and printed before it starts
         (prune_experts.search_streaming). A text fitness is the KL to the original's top-K."""
         _, before = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
                            what=("fitness",))

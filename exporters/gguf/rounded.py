@@ -18,15 +18,12 @@ in that process.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import weakref
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from moecompile.runtime.resume import cache_root
+from moecompile.runtime.resume import scratch_folder
 
 
 class RoundedStore:
@@ -72,10 +69,7 @@ class RoundedStore:
 
     def _file(self, qtype: int):
         if self._folder is None:
-            root = cache_root().parent / "rounded"
-            root.mkdir(parents=True, exist_ok=True)
-            self._folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self._folder, True)
+            self._folder, self._finalizer = scratch_folder(self, "rounded")
         if qtype not in self._files:
             self._files[qtype] = open(self._folder / f"type{qtype}.bin", "w+b")
         return self._files[qtype]

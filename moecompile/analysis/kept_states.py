@@ -13,17 +13,13 @@ user's cache folder and are removed when the search ends (on error and at exit t
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import weakref
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moecompile.runtime.resume import cache_root
+from moecompile.runtime.resume import scratch_folder
 
 DISK_BYTES = 4 << 30
 
@@ -69,10 +65,7 @@ class KeptStates:
 
     def _folder_now(self) -> Path:
         if self._folder is None:
-            root = cache_root().parent / "states"
-            root.mkdir(parents=True, exist_ok=True)
-            self._folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self._folder, True)
+            self._folder, self._finalizer = scratch_folder(self, "states")
         return self._folder
 
     def close(self) -> None:

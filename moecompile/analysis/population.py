@@ -8,9 +8,11 @@ one). The search makes its children in generations (`--search-batch`, eep.py), s
 generation can share what a pass per candidate repeats:
 
 - each block's weights are read once per generation: its experts stacked as float32
-  (E, F, D) while the block is resident (twice its bf16 bytes: memory follows the largest
-  block), so a candidate's kept experts are views and its merged experts one matrix product
-  over the stack (as the in-memory evaluator builds them), `MERGE_CHUNK` slots at a time;
+  (E, F, D) while the block is resident (executor.experts_stacked; twice its bf16 bytes:
+  memory follows the largest block; held as stored and widened for each merge, a merging
+  candidate took 1.4x as long), so a candidate's kept experts are views and its merged
+  experts one matrix product over the stack (as the in-memory evaluator builds them),
+  `MERGE_CHUNK` slots at a time;
 - candidates are grouped by their plans of the layers above: a group shares its hidden
   states and its attention; it splits where its plans for a layer differ;
 - hidden states at MoE block boundaries are kept across generations on disk
@@ -176,7 +178,7 @@ class PopulationFitness:
     def _slots(self, i: int, plan: LayerPlan):
         """slot j -> its (gate, up, down): a view of the stack for a kept expert; merged slots
         are built `MERGE_CHUNK` at a time by one product over the stack."""
-        stack = self._stacked(i)
+        stack = self.ex.experts_stacked(i)  # held until the block is released
         if is_one_hot(plan.merge):
             kept = plan.kept
             return lambda j: tuple(w[kept[j]] for w in stack)
@@ -191,28 +193,6 @@ class PopulationFitness:
                 chunk[c] = [torch.einsum("je,e...->j...", rows, w) for w in stack]
             return tuple(w[j - c * MERGE_CHUNK] for w in chunk[c])
         return slot
-
-    def _stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block i's experts as float32 (E, F, D) gate and up, (E, D, F) down, read once per
-        generation and held until the block is released. Float32, as the product of a merge
-        needs it: holding the block as stored and widening it for each merge took 1.4x as long
-        per merging candidate (4 OLMoE layers)."""
-        key = ("population-stacked", i)
-        hit = self.ex._cache.get(key)
-        if hit is None:
-            moe = self.model.blocks[i].ffn
-            hit = tuple(_stack([getattr(e, name) for e in moe.experts], self.ex.device)
-                        for name in ("gate", "up", "down"))
-            self.ex._cache[key] = hit
-        return hit
-
-
-def _stack(tensors: list[ir.Tensor], device) -> torch.Tensor:
-    """The tensors' values stacked as float32, filled in place (no second copy)."""
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32, device=device)
-    for e, t in enumerate(tensors):
-        out[e] = t.value()
-    return out
 
 
 class PopulationScorer:

@@ -139,8 +139,10 @@ class ReferenceExecutor:
         return self.matmul(h, f"{prefix}.down")
 
     def experts_stacked(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block i's experts as (E, F, D) gate, (E, F, D) up, (E, D, F) down, built once (for
-        merging and comparing experts, which needs one width in the layer)."""
+        """Block i's experts as float32 (E, F, D) gate, (E, F, D) up, (E, D, F) down, built
+        once (for merging and comparing experts, which needs one width in the layer), each
+        expert copied into its place as it is fetched: a streaming executor fetches experts
+        afresh, and a stack of a list would hold the block twice."""
         key = ("stacked", i)
         hit = self._cache.get(key)
         if hit is None:
@@ -148,12 +150,20 @@ class ReferenceExecutor:
             widths = sorted({ex.width for ex in moe.experts})
             if len(widths) > 1:
                 raise ValueError(f"block {i}: experts of widths {widths} cannot be stacked")
-            n = moe.n_experts
-            hit = tuple(torch.stack([self.w(f"blocks.{i}.ffn.experts.{e}.{name}")
-                                     for e in range(n)])
+            hit = tuple(self._stack([f"blocks.{i}.ffn.experts.{e}.{name}"
+                                     for e in range(moe.n_experts)])
                         for name in ("gate", "up", "down"))
             self._cache[key] = hit
         return hit
+
+    def _stack(self, paths: list[str]) -> torch.Tensor:
+        """The weights at `paths` stacked as float32, each widened as it is copied in."""
+        tensors = [self.tensors[p] for p in paths]
+        out = torch.empty((len(paths), *tensors[0].shape), dtype=torch.float32,
+                          device=self.device)
+        for e, (path, tensor) in enumerate(zip(paths, tensors)):
+            out[e] = self.numerics.weight(path, tensor)
+        return out
 
     def router_map(self, i: int) -> torch.Tensor | None:
         moe = self.model.blocks[i].ffn

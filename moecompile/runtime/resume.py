@@ -24,6 +24,8 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +42,16 @@ def cache_root() -> Path:
         return Path(os.environ[ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "moecompile" / "resume"
+
+
+def scratch_folder(owner, kind: str) -> tuple[Path, weakref.finalize]:
+    """A fresh folder for `owner`'s temporary files, in the user's cache beside the resume
+    states (never /tmp, which may be memory): `moecompile/KIND/PID-...`. Removed when `owner`
+    is collected or at exit; call the finalizer returned to remove it sooner."""
+    root = cache_root().parent / kind
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    return folder, weakref.finalize(owner, shutil.rmtree, folder, True)
 
 
 def code_files() -> list[Path]:

@@ -276,8 +276,8 @@ def test_ctrl_c_at_real_size_resumes_to_the_same_bytes(tiny_model, tmp_path, mon
 
 def test_a_long_eep_at_real_size_is_refused_with_its_eta(tiny_model, tmp_path, monkeypatch,
                                                          capsys):
-    """Above the streaming threshold (forced here) EEP scores each candidate with a streaming
-    pass; a default-length search whose measured ETA is over the limit (0 here) exits 2 in one
+    """Above the streaming threshold (forced here) EEP scores its candidates layer-major; a
+    default-length search whose measured ETA is over the limit (0 here) exits 2 in one
     line with the time and what bounds it, leaving no output; sized with --search-budget it
     compiles, and so does reconstruct (NAEE's layer-local search)."""
     from moecompile.cli import main

@@ -225,7 +225,7 @@ def test_streaming_pass_chooses_and_scores_as_the_token_major_one(tiny_model, ca
 @pytest.mark.parametrize("router_mode", ["onehot", "exact"])
 def test_streaming_eep_searches_as_the_token_major_one(tiny_model, calib_of, monkeypatch,
                                                        router_mode):
-    """EEP above the streaming threshold scores each candidate with a streaming pass: from the
+    """EEP above the streaming threshold scores its candidates layer-major: from the
     same starts (NAEE's reconstruct among them, from the one pass) the same search takes the
     same steps to the same experts and merge weights (both phases: 40 evaluations)."""
     from moecompile.runtime import streaming

@@ -151,7 +151,7 @@ def test_drops_at_real_size_choose_and_score_as_token_major(mixtral, monkeypatch
 
 def test_top_k_at_real_size_plain_and_searched_as_token_major(mixtral, monkeypatch):
     """Above the streaming threshold plain top-k is scored by passes, and the search scores
-    each candidate with a pass of its own: the same steps to the same merge and router
+    its candidates a generation per pass: the same steps to the same merge and router
     matrices and fitness as the token-major search."""
     from moecompile.runtime import streaming
 
