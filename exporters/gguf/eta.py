@@ -12,7 +12,8 @@ type, plus its passes at the importance pass's rate per token:
 - sensitivity: each candidate type of every attention, dense-MLP, embedding and head unit,
   and of `SAMPLED_EXPERTS` experts of each stacked expert group, plus one pass;
 - probes: the experts not sampled, at the probe type (the rest was rounded to it already and
-  is kept, rounded.py), and one pass per kind of unit;
+  is kept, rounded.py), and one pass per group of units (a kind of sub-layer in a depth
+  band, sensitivity.probe_groups) and one for the reference;
 - mixes: which mixes are measured is known only once the sensitivity is; each rounds only
   what no earlier stage kept, so the estimate takes the experts not sampled rounded once at
   the type whose uniform file fits the budget, and one pass for each of three mixes (measured
@@ -29,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-from moecompile.analysis.sensitivity import LOCAL_TOKENS, SAMPLED_EXPERTS, unit_kind
+from moecompile.analysis.sensitivity import (LOCAL_TOKENS, SAMPLED_EXPERTS, probe_groups,
+                                             unit_kind)
 
 from . import ggml
 from .types import ggml as ggml_type
@@ -62,18 +64,19 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
     every_type = sum(rates.values())
     per_token = pass_seconds / max(calib_tokens, 1)
     one_pass = per_token * min(LOCAL_TOKENS, calib_tokens)
-    sensitivity, unsampled, kinds = one_pass, 0, set()
+    sensitivity, unsampled, heads = one_pass, 0, []
     for unit, paths in units.items():
         values = sum(numel[p] for p in paths)
         kind = unit_kind(paths)
-        kinds.add(kind)
+        if kind == "head":
+            heads.append(unit)
         if kind == "experts":
             share = min(SAMPLED_EXPERTS, len(paths)) / len(paths)
             sensitivity += share * values * every_type
             unsampled += (1 - share) * values
         else:
             sensitivity += values * every_type
-    probes = unsampled * rates[probe] + one_pass * (len(kinds - {"head"}) + 1)
+    probes = unsampled * rates[probe] + one_pass * (len(probe_groups(units, heads)) + 1)
     mixes = MIX_ROUNDINGS * unsampled * rates[fit] + MIXES * one_pass
     verification = VERIFY_PASSES * pass_seconds
     return {"sensitivity": sensitivity, "probes": probes, "mixes": mixes,

@@ -62,10 +62,11 @@ def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, 
     tasks = ray_engine.tasks
     got, info, check = sensitivity.local_losses(model, calib, units, CANDIDATES, rounding,
                                                 "q4_k", progress=False, engine=ray_engine)
-    kinds = {sensitivity.unit_kind(p) for p in units.values()} - {"head"}
-    assert ray_engine.tasks - tasks == 2 + len(kinds)  # the errors, then one probe per kind
+    groups = sensitivity.probe_groups(units, [u for u, p in units.items() if p == ["lm_head"]])
+    assert ray_engine.tasks - tasks == 2 + len(groups)  # the errors, then one probe per group
     assert got == want and info == want_info
-    assert set(info["probe_kl"]) == kinds == {"attention", "experts", "mlp", "embedding"}
+    assert set(info["probe_kl"]) == set(groups)
+    assert {g.split(",")[0] for g in groups} == {"attention", "experts", "mlp", "embedding"}
     with rounding("q4_k") as value:  # the end-to-end check runs here, on the same reference
         paths = {p for ps in units.values() for p in ps}
         assert check(paths, value) == want_check(paths, value) > 0
@@ -98,3 +99,18 @@ def test_references_sent_to_workers_hold_each_token_once(setup):
         tokens, k = len(top), next(iter(top.values()))[0].numel()
         assert tokens > 50
         assert len(pickle.dumps(top)) < 1.5 * tokens * k * (8 + 4) + 2000 * tokens
+
+
+def test_probe_groups_split_each_kind_into_halves_of_the_blocks():
+    units = {f"blk.{i}.{name}": [f"blocks.{i}.{path}"] for i in range(5)
+             for name, path in (("attn", "attn.q"), ("down", "ffn.experts.0.down"))}
+    units["token_embd"], units["output"] = ["embed"], ["lm_head"]
+    groups = sensitivity.probe_groups(units, ["output"])
+    assert groups == {
+        "attention, blocks 0-2": ["blk.0.attn", "blk.1.attn", "blk.2.attn"],
+        "experts, blocks 0-2": ["blk.0.down", "blk.1.down", "blk.2.down"],
+        "attention, blocks 3-4": ["blk.3.attn", "blk.4.attn"],
+        "experts, blocks 3-4": ["blk.3.down", "blk.4.down"],
+        "embedding": ["token_embd"]}
+    one = {u: p for u, p in units.items() if u.startswith("blk.0.")}
+    assert list(sensitivity.probe_groups(one, [])) == ["attention, block 0", "experts, block 0"]
