@@ -332,6 +332,39 @@ def test_allow_prune_slims_with_the_width_method_and_refit_asked_for(tiny_model,
                 width_method="weight").validate()
 
 
+def test_a_structure_is_judged_on_held_out_calibration_and_the_general_text_mix(tiny_model,
+                                                                                tmp_path):
+    """A variant's loss is the larger of its KL on the held-out calibration examples and on
+    the built-in general text mix (pruning and slimming remove what the calibration data does
+    not exercise); a calibration that is that mix is judged on its held-out chunks alone."""
+    from moecompile.analysis.calibration import build_calib
+    from moecompile.analysis.sensitivity import CalibKL
+    from moecompile.job import PassVariants
+    from moecompile.options import Options
+    from moecompile.passes.base import PassContext
+
+    folder = tiny_model("mixtral")
+    model = frontend.load(folder)
+    full = model.blocks[0].ffn.experts[0].width
+    for spec, judged_on in (("add,rev", ["held-out calibration", "the general text mix"]),
+                            ("default", ["the general text mix"])):
+        said = []
+        options = Options(str(folder), output=str(tmp_path / "m.gguf"), budget="1GB",
+                          allow_prune=True, calib=spec, calib_n=3)
+        options.validate()
+        ctx = PassContext(calib=build_calib(model, spec, 3))
+        variant = PassVariants(model, ctx, options, "onehot", said.append)(
+            model.blocks[0].ffn.n_experts, full // 2)
+        sets = [build_calib(model, spec, 3, skip=3)]
+        if spec != "default":
+            sets.append(build_calib(model, "default", 3))
+        want = [CalibKL(model, data).of_model(variant.model) for data in sets]
+        assert variant.loss == max(want) > 0
+        line = next(s for s in said if s.startswith("--allow-prune: measured"))
+        assert [part.split(" on ", 1)[1] for part in
+                line.split(": KL ", 1)[1].rsplit(" (", 1)[0].split(", ")] == judged_on
+
+
 def test_a_model_that_streams_says_how_long_and_writes_the_kept_bytes(tiny_model, tmp_path,
                                                                       monkeypatch, capsys):
     """At real size (here: streaming forced) --quant auto prints what each stage will take
