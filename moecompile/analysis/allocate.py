@@ -56,9 +56,9 @@ def choose(sens: dict[str, dict[str, float]], size, fixed: int,
 def choose_measured(sens: dict[str, dict[str, float]], size, fixed: int, weight_budget: int,
                     is_expert, measure, factors=(4.0, 0.25)):
     """`choose` for a *predicted* sensitivity (layer-local errors turned into KL by one probe
-    per kind of sub-layer and depth band), whose weakest part is how much one kind's errors cost next to
-    another's. Beside its choice, the mixes it would choose with the experts' (`is_expert(g)`)
-    predicted losses scaled by each of `factors` are measured end to end too
+    per kind of sub-layer and depth band), whose weakest part is how much one kind's errors
+    cost next to another's. Beside its choice, the mixes it would choose with the experts'
+    (`is_expert(g)`) predicted losses scaled by each of `factors` are measured end to end too
     (`measure(group -> type)` -> KL, one streaming pass each) and the lowest measured KL wins.
     Returns (group -> type, total bytes, predicted loss, measured KL, every measured KL)."""
     mixes = [choose(sens, size, fixed, weight_budget)]

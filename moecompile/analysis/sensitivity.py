@@ -372,10 +372,10 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     once, measured end to end — while the output head's KL is measured directly. With one
     factor per kind alone the layer-local choices' KL was 0.64-1.68x the full sensitivity's at
     Q4_K and Q3_K sizes on the bundled model (three calibration samples; 1.19x in geometric
-    mean); with two bands it is 0.81-1.55x (1.02x). The units' errors, then the probes, are split over the engine's
-    workers (default: this process). Returns (losses, info, check): `check(paths, value)`
-    measures a chosen mix end to end (value(path, tensor): its weights) against the same
-    reference."""
+    mean); with two bands it is 0.81-1.55x (1.02x). The units' errors, then the probes, are
+    split over the engine's workers (default: this process). Returns (losses, info, check):
+    `check(paths, value)` measures a chosen mix end to end (value(path, tensor): its weights)
+    against the same reference."""
     from moecompile.runtime.streaming import StreamingExecutor
 
     engine = _engine(engine, device)
