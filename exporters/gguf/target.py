@@ -48,6 +48,14 @@ CANDIDATES = ("q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")  # --qua
 LOCAL_PROBE = "q4_k"  # the type every group takes at once to fit layer-local errors to KL
 
 
+def auto_candidates(model: ir.Model) -> list[str]:
+    """The types --quant auto weighs for a group: the checkpoint's lossless 16-bit type, then
+    CANDIDATES. Without it a budget between the all-Q8_0 file and the lossless one bought an
+    all-Q8_0 file and left the rest of the budget unused (bundled model: 5.84 MiB of weights
+    under a budget for 8.7)."""
+    return [lossless_dtype(model), *CANDIDATES]
+
+
 def group_of(name: str) -> str:
     """The unit --quant auto chooses a type for: a layer's attention, each stacked expert
     tensor, a layer's shared expert, the embedding, the output head."""
@@ -427,11 +435,11 @@ class GGUFTarget(Target):
         rounding = self._rounding(model, importance[0], store)
         local = self._is_local(model, request)
         if not local:
-            sens = sensitivity.measure(model, calib, units, list(CANDIDATES), rounding,
+            sens = sensitivity.measure(model, calib, units, auto_candidates(model), rounding,
                                        ctx.device, ctx.progress, ctx.engine)
             return sens, False, {"method": "full"}, None
         sens, info, check = sensitivity.local_losses(
-            model, calib, units, list(CANDIDATES), rounding, LOCAL_PROBE, ctx.device,
+            model, calib, units, auto_candidates(model), rounding, LOCAL_PROBE, ctx.device,
             ctx.progress, ctx.engine)
 
         def measure(mix: dict[str, str]) -> float:
