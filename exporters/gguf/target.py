@@ -466,7 +466,9 @@ class GGUFTarget(Target):
                 n = tensor.shape[-1]
                 imatrix = None if importance is None else importance[t.name][index * n:
                                                                               (index + 1) * n]
-                if store is None or qtype == Q.F32:
+                # a 16-bit type is a cast: nothing worth keeping on disk (the lossless candidate
+                # would add 2 bytes a value to the store, beside the 4.4 of the seven others)
+                if store is None or qtype in (Q.F32, Q.F16, Q.BF16):
                     return torch.from_numpy(roundtrip(tensor.value().to(torch.float32).numpy(),
                                                       qtype, imatrix))
                 return torch.from_numpy(store.values(
