@@ -53,7 +53,7 @@ class Variant:
     and its measured cost."""
 
     model: ir.Model
-    loss: float  # KL to the original on the calibration data, at full precision
+    loss: float  # KL to the original at full precision (job.PassVariants: on what data)
     lines: list[str] = field(default_factory=list)  # what building it printed
 
 
