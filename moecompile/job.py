@@ -257,7 +257,7 @@ class PassVariants(VariantSource):
         self.say = say
         self.pruned: dict[int, ir.Model] = {}
         self.built: dict[tuple[int, int], Variant] = {}
-        self.judges: list | None = None  # (name, KL of a model to the original on its data)
+        self.judges: dict | None = None  # data set -> KL of a model to the original on it
 
     def __call__(self, experts: int, width: int) -> Variant:
         key = (experts, width)
@@ -284,15 +284,15 @@ class PassVariants(VariantSource):
         the held-out calibration data and the built-in general text mix."""
         if self.judges is None:
             calib = self._held_out()
-            sets = [("held-out calibration" if calib.spec != DEFAULT else "the general text "
-                     "mix", calib)]
-            if calib.spec != DEFAULT:
+            if calib.spec == DEFAULT:
+                sets = {"the general text mix": calib}
+            else:
                 text = build_calib(self.model, DEFAULT, self.options.calib_n)
                 self.say(f"--allow-prune: structures also measured on the general text mix "
                          f"({text.n_examples} chunks, {text.n_tokens} tokens)")
-                sets.append(("the general text mix", text))
-            self.judges = [(name, self._judge(data)) for name, data in sets]
-        return {name: judge(model) for name, judge in self.judges}
+                sets = {"held-out calibration": calib, "the general text mix": text}
+            self.judges = {name: self._judge(data) for name, data in sets.items()}
+        return {name: judge(model) for name, judge in self.judges.items()}
 
     def _judge(self, data: CalibSet) -> Callable[[ir.Model], float]:
         """KL(original || a model) on `data`: token-major for a model that fits, else one

@@ -64,19 +64,16 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
     every_type = sum(rates.values())
     per_token = pass_seconds / max(calib_tokens, 1)
     one_pass = per_token * min(LOCAL_TOKENS, calib_tokens)
-    sensitivity, unsampled, heads = one_pass, 0, []
-    for unit, paths in units.items():
+    sensitivity, unsampled = one_pass, 0
+    for paths in units.values():
         values = sum(numel[p] for p in paths)
-        kind = unit_kind(paths)
-        if kind == "head":
-            heads.append(unit)
-        if kind == "experts":
+        if unit_kind(paths) == "experts":
             share = min(SAMPLED_EXPERTS, len(paths)) / len(paths)
             sensitivity += share * values * every_type
             unsampled += (1 - share) * values
         else:
             sensitivity += values * every_type
-    probes = unsampled * rates[probe] + one_pass * (len(probe_groups(units, heads)) + 1)
+    probes = unsampled * rates[probe] + one_pass * (len(probe_groups(units)) + 1)
     mixes = MIX_ROUNDINGS * unsampled * rates[fit] + MIXES * one_pass
     verification = VERIFY_PASSES * pass_seconds
     return {"sensitivity": sensitivity, "probes": probes, "mixes": mixes,

@@ -224,8 +224,9 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     measured = [u for u in units if u in keep]
     per_block: dict[int, list[str]] = {}
     for u in measured:
-        if units[u][0].startswith("blocks."):
-            per_block.setdefault(int(units[u][0].split(".")[1]), []).append(u)
+        block = unit_block(units[u])
+        if block is not None:
+            per_block.setdefault(block, []).append(u)
     error: dict[str, dict[str, float]] = {u: {} for u in measured}
     head_units = [u for u in measured if units[u] == ["lm_head"]]
     bar = tqdm(total=len(model.blocks) + 2, desc="layer-local sensitivity", disable=not progress)
@@ -341,21 +342,27 @@ def unit_kind(paths: list[str]) -> str:
     return "attention" if ".attn." in first else "experts" if ".experts." in first else "mlp"
 
 
-def probe_groups(units: dict[str, list[str]], head: list[str]) -> dict[str, list[str]]:
+def unit_block(paths: list[str]) -> int | None:
+    """The block a unit's weights are in (None for the embedding and the head)."""
+    first = paths[0]
+    return int(first.split(".")[1]) if first.startswith("blocks.") else None
+
+
+def probe_groups(units: dict[str, list[str]]) -> dict[str, list[str]]:
     """The units each probe puts at the probe type at once, by kind of sub-layer and, for
-    the blocks', depth band ("attention, blocks 0-7"): every unit but the head's (`head`,
-    measured as KL directly)."""
-    blocks = [int(paths[0].split(".")[1]) for paths in units.values()
-              if paths[0].startswith("blocks.")]
-    n = max(blocks, default=0) + 1
+    the blocks', depth band ("attention, blocks 0-7"): every unit but the head's (measured
+    as KL directly)."""
+    n = max((b for paths in units.values() if (b := unit_block(paths)) is not None),
+            default=0) + 1
     bands = min(PROBE_BANDS, n)
     groups: dict[str, list[str]] = {}
     for u, paths in units.items():
-        if u in head:
-            continue
         name = unit_kind(paths)
-        if paths[0].startswith("blocks."):
-            band = int(paths[0].split(".")[1]) * bands // n
+        if name == "head":
+            continue
+        block = unit_block(paths)
+        if block is not None:
+            band = block * bands // n
             lo, hi = -(-band * n // bands), -(-(band + 1) * n // bands) - 1
             name += f", block {lo}" if lo == hi else f", blocks {lo}-{hi}"
         groups.setdefault(name, []).append(u)
@@ -389,7 +396,7 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     ids, mask = calib.ids[rows], calib.mask[rows]
     reference = StreamingKL()
     StreamingExecutor(model, device).run(ids, mask, reference.consume)
-    groups = probe_groups(units, local["head"])
+    groups = probe_groups(units)
     # one probe per group: its units at `probe` at once, a whole pass each
     measured = engine.map(_probe_group, (model, ids, mask, reference, units, groups, rounded,
                                          probe), list(groups))

@@ -62,7 +62,7 @@ def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, 
     tasks = ray_engine.tasks
     got, info, check = sensitivity.local_losses(model, calib, units, CANDIDATES, rounding,
                                                 "q4_k", progress=False, engine=ray_engine)
-    groups = sensitivity.probe_groups(units, [u for u, p in units.items() if p == ["lm_head"]])
+    groups = sensitivity.probe_groups(units)
     assert ray_engine.tasks - tasks == 2 + len(groups)  # the errors, then one probe per group
     assert got == want and info == want_info
     assert set(info["probe_kl"]) == set(groups)
@@ -105,7 +105,7 @@ def test_probe_groups_split_each_kind_into_halves_of_the_blocks():
     units = {f"blk.{i}.{name}": [f"blocks.{i}.{path}"] for i in range(5)
              for name, path in (("attn", "attn.q"), ("down", "ffn.experts.0.down"))}
     units["token_embd"], units["output"] = ["embed"], ["lm_head"]
-    groups = sensitivity.probe_groups(units, ["output"])
+    groups = sensitivity.probe_groups(units)
     assert groups == {
         "attention, blocks 0-2": ["blk.0.attn", "blk.1.attn", "blk.2.attn"],
         "experts, blocks 0-2": ["blk.0.down", "blk.1.down", "blk.2.down"],
@@ -113,4 +113,4 @@ def test_probe_groups_split_each_kind_into_halves_of_the_blocks():
         "experts, blocks 3-4": ["blk.3.down", "blk.4.down"],
         "embedding": ["token_embd"]}
     one = {u: p for u, p in units.items() if u.startswith("blk.0.")}
-    assert list(sensitivity.probe_groups(one, [])) == ["attention, block 0", "experts, block 0"]
+    assert list(sensitivity.probe_groups(one)) == ["attention, block 0", "experts, block 0"]
