@@ -283,14 +283,14 @@ class PassVariants(VariantSource):
         """KL(original || model) at full precision on each data set a structure is judged on:
         the held-out calibration data and the built-in general text mix."""
         if self.judges is None:
-            calib = self._held_out()
+            calib, calib_name = self._held_out()
             if calib.spec == DEFAULT:
                 sets = {"the general text mix": calib}
             else:
                 text = build_calib(self.model, DEFAULT, self.options.calib_n)
                 self.say(f"--allow-prune: structures also measured on the general text mix "
                          f"({text.n_examples} chunks, {text.n_tokens} tokens)")
-                sets = {"held-out calibration": calib, "the general text mix": text}
+                sets = {calib_name: calib, "the general text mix": text}
             self.judges = {name: self._judge(data) for name, data in sets.items()}
         return {name: judge(model) for name, judge in self.judges.items()}
 
@@ -304,7 +304,9 @@ class PassVariants(VariantSource):
         StreamingExecutor(self.model, device).run(data.ids, data.mask, reference.consume)
         return lambda model: streaming_kl(model, data.ids, data.mask, reference, device=device)
 
-    def _held_out(self) -> CalibSet:
+    def _held_out(self) -> tuple[CalibSet, str]:
+        """The calibration items after the first --calib-n, and what to call them in the
+        progress lines: the fitted ones themselves when the spec has no more."""
         calib = self.ctx.calibration(self.model, "--allow-prune")
         n = self.options.calib_n
         try:
@@ -312,10 +314,10 @@ class PassVariants(VariantSource):
         except UserError:
             self.say(f"--allow-prune: calibration '{calib.spec}' has no items beyond the first "
                      f"{n}; structures are measured on the data they were fitted to")
-            return calib
+            return calib, "calibration (fitted to)"
         self.say(f"--allow-prune: structures measured on {held.n_examples} held-out "
                  f"calibration examples ({held.n_tokens} tokens)")
-        return held
+        return held, "held-out calibration"
 
     def _pruned(self, experts: int, passes_run: list[str]) -> ir.Model:
         moes = [b.ffn for b in self.model.blocks if isinstance(b.ffn, ir.MoE)]

@@ -339,7 +339,8 @@ def test_a_structure_is_judged_on_held_out_calibration_and_the_general_text_mix(
                                                                                 tmp_path):
     """A variant's loss is the larger of its KL on the held-out calibration examples and on
     the built-in general text mix (pruning and slimming remove what the calibration data does
-    not exercise); a calibration that is that mix is judged on its held-out chunks alone."""
+    not exercise); a calibration that is that mix is judged on its held-out chunks alone, and
+    one with nothing to hold out on the items it was fitted to, which its line says."""
     from moecompile.analysis.calibration import build_calib
     from moecompile.analysis.sensitivity import CalibKL
     from moecompile.job import PassVariants
@@ -349,8 +350,12 @@ def test_a_structure_is_judged_on_held_out_calibration_and_the_general_text_mix(
     folder = tiny_model("mixtral")
     model = frontend.load(folder)
     full = model.blocks[0].ffn.experts[0].width
+    three_lines = tmp_path / "three.txt"
+    three_lines.write_text("12 plus 30 is 42\nthe cat sat on the mat\nsort 3 1 2 gives 1 2 3\n")
     for spec, judged_on in (("add,rev", ["held-out calibration", "the general text mix"]),
-                            ("default", ["the general text mix"])):
+                            ("default", ["the general text mix"]),
+                            (str(three_lines), ["calibration (fitted to)",
+                                                "the general text mix"])):
         said = []
         options = Options(str(folder), output=str(tmp_path / "m.gguf"), budget="1GB",
                           allow_prune=True, calib=spec, calib_n=3)
@@ -358,7 +363,7 @@ def test_a_structure_is_judged_on_held_out_calibration_and_the_general_text_mix(
         ctx = PassContext(calib=build_calib(model, spec, 3))
         variant = PassVariants(model, ctx, options, "onehot", said.append)(
             model.blocks[0].ffn.n_experts, full // 2)
-        sets = [build_calib(model, spec, 3, skip=3)]
+        sets = [build_calib(model, spec, 3, skip=0 if spec.endswith(".txt") else 3)]
         if spec != "default":
             sets.append(build_calib(model, "default", 3))
         want = [CalibKL(model, data).of_model(variant.model) for data in sets]
