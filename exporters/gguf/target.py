@@ -297,7 +297,11 @@ class GGUFTarget(Target):
             quant["seconds_to_choose"] = round(time.monotonic() - started, 1)
         line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
                 f"predicted KL {predicted:.4f}{tail}")
-        return by_tensor, importance, quant, [line] + type_table(group_types, _group_kind)
+        short = store.shortfall() if store is not None else None
+        if short:
+            quant["rounded_not_kept"] = store.not_kept
+        return (by_tensor, importance, quant,
+                [line, *([short] if short else [])] + type_table(group_types, _group_kind))
 
     def _auto_structured(self, model: ir.Model, request: TypeRequest, n_ctx: int, ctx,
                          variants: VariantSource):

@@ -37,6 +37,27 @@ def test_kept_bytes_give_the_rounded_values_and_are_removed(tmp_path, monkeypatc
     assert not folder.exists()
 
 
+def test_a_disk_without_room_keeps_nothing_and_changes_no_value(tmp_path, monkeypatch):
+    """Past the free space the store leaves on its disk (here more than any disk has), every
+    use quantizes again — the same values — and the user is told why it is slower."""
+    monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
+    weights = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    calls = []
+
+    def run():
+        calls.append(1)
+        return encode(torch.from_numpy(weights), Q.Q4_K, None)
+
+    store = RoundedStore(keep_free=1 << 62)
+    for _ in range(3):
+        got = store.values("a", int(Q.Q4_K), (64, 256), run)
+        assert np.array_equal(got, roundtrip(weights, Q.Q4_K, None))
+    assert len(calls) == 3 and store.not_kept == 3 and store.stored("a", int(Q.Q4_K)) is None
+    assert "3 not kept" in store.shortfall() and "quantized again" in store.shortfall()
+    assert RoundedStore().shortfall() is None
+    store.close()
+
+
 def test_the_file_copies_kept_bytes_in_its_own_row_order(tiny_model, tmp_path, monkeypatch):
     """The writer copies a store's bytes instead of quantizing: kept with an importance vector
     and written without one, the file equals the file written with it — also for llama's q/k,
