@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, frontend, ir
-from .analysis.calibration import CalibSet, build_calib
+from .analysis.calibration import CalibSet, build_calib, held_out
 from .analysis.eep import EEPConfig
 from .analysis.sensitivity import CalibKL, StreamingKL, streaming_kl
 from .distributed.connect import open_engine
@@ -308,12 +308,11 @@ class PassVariants(VariantSource):
         """The calibration items after the first --calib-n, and what to call them in the
         progress lines: the fitted ones themselves when the spec has no more."""
         calib = self.ctx.calibration(self.model, "--allow-prune")
-        n = self.options.calib_n
-        try:
-            held = build_calib(self.model, calib.spec, n, skip=n)
-        except UserError:
+        held = held_out(self.model, calib)
+        if held is None:
             self.say(f"--allow-prune: calibration '{calib.spec}' has no items beyond the first "
-                     f"{n}; structures are measured on the data they were fitted to")
+                     f"{calib.per_item}; structures are measured on the data they were fitted "
+                     f"to")
             return calib, "calibration (fitted to)"
         self.say(f"--allow-prune: structures measured on {held.n_examples} held-out "
                  f"calibration examples ({held.n_tokens} tokens)")

@@ -56,14 +56,17 @@ def quantize_rates(sample: torch.Tensor, imatrix: np.ndarray | None,
 
 
 def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str, float],
-             probe: str, fit: str, pass_seconds: float, calib_tokens: int) -> dict[str, float]:
+             probe: str, fit: str, pass_seconds: float, calib_tokens: int,
+             held_tokens: int = 0) -> dict[str, float]:
     """Seconds of each stage (see the module's docstring). `units`: the IR paths of each unit
     (one path per expert in a stacked expert unit); `numel`: values per IR path; `rates`:
     seconds per value of each candidate type; `pass_seconds`: the importance pass over
-    `calib_tokens` tokens."""
+    `calib_tokens` tokens; `held_tokens`: the held-out calibration's, on which the reference
+    and the mixes are measured too."""
     every_type = sum(rates.values())
     per_token = pass_seconds / max(calib_tokens, 1)
     one_pass = per_token * min(LOCAL_TOKENS, calib_tokens)
+    checked = one_pass + per_token * min(LOCAL_TOKENS, held_tokens)
     sensitivity, unsampled = one_pass, 0
     for paths in units.values():
         values = sum(numel[p] for p in paths)
@@ -73,8 +76,8 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
             unsampled += (1 - share) * values
         else:
             sensitivity += values * every_type
-    probes = unsampled * rates[probe] + one_pass * (len(probe_groups(units)) + 1)
-    mixes = MIX_ROUNDINGS * unsampled * rates[fit] + MIXES * one_pass
+    probes = unsampled * rates[probe] + one_pass * len(probe_groups(units)) + checked
+    mixes = MIX_ROUNDINGS * unsampled * rates[fit] + MIXES * checked
     verification = VERIFY_PASSES * pass_seconds
     return {"sensitivity": sensitivity, "probes": probes, "mixes": mixes,
             "file and verification": verification}

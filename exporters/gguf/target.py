@@ -25,6 +25,7 @@ from tqdm import tqdm
 from moecompile import ir
 from moecompile.analysis import allocate, imatrix, sensitivity
 from moecompile.analysis.allocate import Structure
+from moecompile.analysis.calibration import held_out
 from moecompile.errors import UserError
 from moecompile.runtime.llama_worker import run_llama_cpp
 from moecompile.runtime.streaming import streams
@@ -280,12 +281,14 @@ class GGUFTarget(Target):
         units = group_units(groups)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
         expected = None
+        held = held_out(model, calib) if self._is_local(model, request) else None
         if streams(model) and self._is_local(model, request):
             expected = self._expected_seconds(groups, units, importance[0], unquantized,
                                               request.budget - fixed, calib.n_tokens,
-                                              time.monotonic() - started, ctx.progress)
+                                              time.monotonic() - started, ctx.progress,
+                                              0 if held is None else held.n_tokens)
         sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
-                                                            request, ctx, store)
+                                                            request, ctx, store, held)
         group_types, total, predicted, extra, tail = allocate.choose_reported(
             sens, size, unquantized, request.budget - fixed,
             (lambda g: g.endswith("_exps"), measure, info) if local else None)
@@ -339,8 +342,9 @@ class GGUFTarget(Target):
         importance = self.importance(model, ctx)
         units = group_units(groups)
         with _rounded_store(model) as store:
+            held = held_out(model, calib) if self._is_local(model, request) else None
             sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
-                                                          request, ctx, store)
+                                                          request, ctx, store, held)
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
@@ -405,7 +409,7 @@ class GGUFTarget(Target):
 
     def _expected_seconds(self, groups: dict, units: dict[str, list[str]], importance: dict,
                           unquantized: int, weight_budget: int, calib_tokens: int,
-                          pass_seconds: float, progress: bool) -> dict:
+                          pass_seconds: float, progress: bool, held_tokens: int) -> dict:
         """The time of each stage still to come (eta.py), printed before the sensitivity
         starts: rates measured on one expert (else the first unit), the importance pass timed."""
         parts = [(t, i) for ts in groups.values() for t in ts for i in range(len(t.parts))]
@@ -420,7 +424,7 @@ class GGUFTarget(Target):
         numel = {p: part.numel for ts in groups.values() for t in ts
                  for p, part in zip(t.paths, t.parts)}
         stages = eta.estimate(units, numel, rates, LOCAL_PROBE, fits[0] if fits else
-                              CANDIDATES[-1], pass_seconds, calib_tokens)
+                              CANDIDATES[-1], pass_seconds, calib_tokens, held_tokens)
         total = sum(stages.values())
         if progress:
             tqdm.write(f"--quant auto at this size: about {_minutes(total)} from here ("
@@ -431,11 +435,11 @@ class GGUFTarget(Target):
         return {k: round(v, 1) for k, v in {**stages, "total": total}.items()}
 
     def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
-                          importance, request: TypeRequest, ctx, store=None):
+                          importance, request: TypeRequest, ctx, store=None, held=None):
         """(unit -> type -> predicted KL, whether it is layer-local, how it was measured,
         measure(mix): a mix's KL end to end — None for the full sensitivity, which measures
         each unit end to end already). Layer-local when asked, or (auto) when the model
-        streams."""
+        streams; its mixes are measured on the held-out calibration `held` too."""
         rounding = self._rounding(model, importance[0], store)
         local = self._is_local(model, request)
         if not local:
@@ -444,7 +448,7 @@ class GGUFTarget(Target):
             return sens, False, {"method": "full"}, None
         sens, info, check = sensitivity.local_losses(
             model, calib, units, auto_candidates(model), rounding, LOCAL_PROBE, ctx.device,
-            ctx.progress, ctx.engine)
+            ctx.progress, ctx.engine, held)
 
         def measure(mix: dict[str, str]) -> float:
             chosen = {p: mix[g] for g, paths in units.items() for p in paths}

@@ -25,6 +25,7 @@ import torch
 
 from moecompile import ir
 from moecompile.analysis import allocate, sensitivity
+from moecompile.analysis.calibration import held_out
 from moecompile.errors import UserError, VerificationError
 from moecompile.runtime.streaming import streams
 from moecompile.sizes import format_size
@@ -217,7 +218,7 @@ class ONNXTarget(Target):
         if local:
             measured, info, check = sensitivity.local_losses(
                 model, calib, units, list(CANDIDATES[1:]), rounded, CANDIDATES[-1],
-                ctx.device, ctx.progress, ctx.engine)
+                ctx.device, ctx.progress, ctx.engine, held_out(model, calib))
         else:
             measured = sensitivity.measure(model, calib, units, list(CANDIDATES[1:]), rounded,
                                            ctx.device, ctx.progress, ctx.engine)

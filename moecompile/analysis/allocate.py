@@ -88,7 +88,9 @@ def choose_reported(sens: dict[str, dict[str, float]], size, fixed: int, weight_
     return (types, total, predicted,
             {"measured_kl": measured, "mixes_measured": tried, "sensitivity_method": info},
             f", measured {measured:.4f} end to end (layer-local sensitivity on "
-            f"{info['tokens']} tokens; the best of {len(tried)} mixes measured)")
+            f"{info['tokens']} tokens; the best of {len(tried)} mixes measured"
+            + (f" there and on {info['held_out_tokens']} held-out tokens"
+               if info.get("held_out_tokens") else "") + ")")
 
 
 class BudgetError(UserError):

@@ -34,6 +34,7 @@ class CalibSet:
     ids: torch.Tensor  # (B, T), right-padded
     mask: torch.Tensor  # (B, T), 1 on real tokens
     targets: torch.Tensor  # (B, T): the token predicted at t where scored, -100 elsewhere
+    per_item: int = 0  # the n it was built with (examples per task, lines or chunks of a file)
 
     @property
     def n_examples(self) -> int:
@@ -45,7 +46,8 @@ class CalibSet:
 
     def subset(self, rows: list[int]) -> "CalibSet":
         """The examples `rows`, in that order, at the same width (a shard of the set)."""
-        return CalibSet(self.spec, self.kind, self.ids[rows], self.mask[rows], self.targets[rows])
+        return CalibSet(self.spec, self.kind, self.ids[rows], self.mask[rows], self.targets[rows],
+                        self.per_item)
 
 
 def load_tokenizer(model: ir.Model):
@@ -93,4 +95,14 @@ def build_calib(model: ir.Model, spec: str, n: int = 32, skip: int = 0) -> Calib
         mask[i, :len(seq)] = 1
         # position t predicts token t+1: scored targets are tokens first..len-1
         targets[i, first - 1:len(seq) - 1] = torch.tensor(seq[first:])
-    return CalibSet(spec, kind, ids, mask, targets)
+    return CalibSet(spec, kind, ids, mask, targets, n)
+
+
+def held_out(model: ir.Model, calib: CalibSet) -> CalibSet | None:
+    """The items of `calib`'s spec after the ones it holds, as many per task (or lines or
+    chunks) as it took: data of the same kind that nothing was fitted to. None where the spec
+    has nothing more."""
+    try:
+        return build_calib(model, calib.spec, calib.per_item, skip=calib.per_item)
+    except UserError:
+        return None

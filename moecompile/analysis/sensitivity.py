@@ -138,14 +138,17 @@ PROBE_BANDS = 2
 
 
 def measurement_rows(calib: CalibSet, tokens: int = LOCAL_TOKENS) -> list[int]:
-    """The first calibration sequences holding `tokens` real tokens (at least one)."""
-    rows, total = [], 0
-    for i in range(calib.n_examples):
-        rows.append(i)
-        total += int(calib.mask[i].sum())
-        if total >= tokens:
-            break
-    return rows
+    """Calibration sequences holding `tokens` real tokens (at least one), spread evenly over
+    the set: its items come grouped (task by task, or a text mix source by source), and the
+    first ones held only the first tasks — at --calib all --calib-n 24 the bundled model's
+    measurement tokens were add, sort, rev and two max examples, no brackets or shift."""
+    lengths = calib.mask.sum(1).tolist()
+    n = len(lengths)
+    for m in range(max(1, min(n, tokens // max(max(lengths), 1))), n + 1):
+        rows = sorted({j * n // m for j in range(m)})
+        if sum(lengths[i] for i in rows) >= tokens:
+            return rows
+    return list(range(n))
 
 
 def topk_kl(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -371,7 +374,7 @@ def probe_groups(units: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                  candidates: list[str], rounded, probe: str, device: str = "cpu",
-                 progress: bool = True, engine=None):
+                 progress: bool = True, engine=None, held: CalibSet | None = None):
     """Losses in KL units for every (unit, type) in a few passes over the measurement tokens:
     the layer-local errors (`measure_local`), converted to KL by one factor per kind of
     sub-layer (attention, experts, other MLPs, embedding) and depth band of the blocks
@@ -382,7 +385,11 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     mean); with two bands it is 0.81-1.55x (1.02x). The units' errors, then the probes, are
     split over the engine's workers (default: this process). Returns (losses, info, check):
     `check(paths, value)` measures a chosen mix end to end (value(path, tensor): its weights)
-    against the same reference."""
+    against the same reference — on the measurement tokens and, given `held` (calibration
+    items nothing was fitted to), as many of those besides. The mixes differ little on the
+    data their errors and importance matrix came from, so judged there alone the best one
+    was often the one that fitted it: on the bundled model at Q4_K's size with --calib-n 24,
+    KL 0.0122 on test prompts against 0.0058 judged on both (the full sensitivity: 0.0069)."""
     from moecompile.runtime.streaming import StreamingExecutor
 
     engine = _engine(engine, device)
@@ -394,8 +401,15 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
              "rows": parts[0]["rows"]}
     rows = local["rows"]
     ids, mask = calib.ids[rows], calib.mask[rows]
+    check_ids, check_mask = ids, mask
+    if held is not None:  # one batch, the measurement rows first: one reference serves both
+        more = measurement_rows(held)
+        width = max(ids.shape[1], held.ids.shape[1])
+        ids, mask = _widened(ids, width), _widened(mask, width)
+        check_ids = torch.cat([ids, _widened(held.ids[more], width)])
+        check_mask = torch.cat([mask, _widened(held.mask[more], width)])
     reference = StreamingKL()
-    StreamingExecutor(model, device).run(ids, mask, reference.consume)
+    StreamingExecutor(model, device).run(check_ids, check_mask, reference.consume)
     groups = probe_groups(units)
     # one probe per group: its units at `probe` at once, a whole pass each
     measured = engine.map(_probe_group, (model, ids, mask, reference, units, groups, rounded,
@@ -408,12 +422,19 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     losses = {u: {t: (e if u in local["head"] else factor[u] * e)
                   for t, e in local["error"][u].items()} for u in units}
     info = {"method": "layer-local", "tokens": local["tokens"], "probe": probe,
-            "probe_kl": probes, "kl_per_error": alpha}
+            "probe_kl": probes, "kl_per_error": alpha,
+            "held_out_tokens": int(check_mask.sum()) - int(mask.sum())}
 
     def check(paths: set[str], value) -> float:
-        return streaming_kl(model, ids, mask, reference, Replaced(paths, value), device)
+        return streaming_kl(model, check_ids, check_mask, reference, Replaced(paths, value),
+                            device)
 
     return losses, info, check
+
+
+def _widened(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T) right-padded with zeros to (B, width): token ids and masks of one batch."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def _local_units(shared, names: list[str], device: str) -> dict:

@@ -64,12 +64,19 @@ def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, 
                                                 "q4_k", progress=False, engine=ray_engine)
     groups = sensitivity.probe_groups(units)
     assert ray_engine.tasks - tasks == 2 + len(groups)  # the errors, then one probe per group
-    assert got == want and info == want_info
+    # bit for bit on an AVX-512 Xeon; on an AMD EPYC (AVX2) a worker's results differ from
+    # this process's at one thread by up to 1.3e-5 relative (torch's kernels there sum in
+    # another order: this process's own errors differ between one and two threads)
+    assert list(got) == list(want) and info.keys() == want_info.keys()
+    for u in want:
+        assert got[u] == pytest.approx(want[u], rel=1e-4, abs=1e-12), u
+    assert info["probe_kl"] == pytest.approx(want_info["probe_kl"], rel=1e-4)
     assert set(info["probe_kl"]) == set(groups)
     assert {g.split(",")[0] for g in groups} == {"attention", "experts", "mlp", "embedding"}
     with rounding("q4_k") as value:  # the end-to-end check runs here, on the same reference
         paths = {p for ps in units.values() for p in ps}
-        assert check(paths, value) == want_check(paths, value) > 0
+        assert check(paths, value) == pytest.approx(want_check(paths, value), rel=1e-4)
+        assert check(paths, value) > 0
 
 
 def test_the_in_process_engine_is_the_default(setup):
