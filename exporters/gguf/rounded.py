@@ -110,8 +110,8 @@ class RoundedStore:
             return None
         return (f"rounded weights: {self.not_kept} not kept beside the "
                 f"{self.kept_bytes / 2**30:.1f} GiB kept in {self._folder.parent}: its disk "
-                f"was down to {self.keep_free / 2**30:.0f} GiB free; they are quantized again "
-                f"where used (slower, the same values)")
+                f"had under {self.keep_free / 2**30:.0f} GiB free, or was full; they are "
+                f"quantized again where used (slower, the same values)")
 
     def close(self) -> None:
         """Remove the kept bytes (also done when the store is collected, or at exit)."""

@@ -281,8 +281,9 @@ class GGUFTarget(Target):
         units = group_units(groups)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
         expected = None
-        held = held_out(model, calib) if self._is_local(model, request) else None
-        if streams(model) and self._is_local(model, request):
+        local_asked = self._is_local(model, request)
+        held = held_out(model, calib) if local_asked else None
+        if streams(model) and local_asked:
             expected = self._expected_seconds(groups, units, importance[0], unquantized,
                                               request.budget - fixed, calib.n_tokens,
                                               time.monotonic() - started, ctx.progress,
