@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lsq (default): refit each down projection by ridge least squares "
                            "to reconstruct the expert's output on calibration data; none: "
                            "plain slice")
+    slim.add_argument("--width-data", choices=["calib+mix", "calib"], default="calib+mix",
+                      help="what the importances and the refit are computed on: calib+mix "
+                           "(default): the calibration and as many chunks of the built-in "
+                           "general text mix, so prompts outside the calibration keep what "
+                           "they use; calib: the calibration alone (a model for that data "
+                           "only)")
     trim = p.add_argument_group("active experts and trimming (applied after --experts and "
                                 "--expert-width, in this order)")
     trim.add_argument("--top-k", type=int, metavar="K",

@@ -43,6 +43,7 @@ class Options:
     shared_width: str | None = None
     width_method: str = "wanda"
     width_refit: str = "lsq"
+    width_data: str = "calib+mix"
     sensitivity: str = "auto"
     calib: str | None = None
     calib_n: int = 32
@@ -140,8 +141,9 @@ class Options:
                             "without --experts or --expert-width (it chooses them)")
         self.expert_widths, self.shared_widths  # malformed widths fail here
         if (not self.slimmed and not self.allow_prune
-                and (self.width_method != "wanda" or self.width_refit != "lsq")):
-            raise UserError("--width-method/--width-refit apply to --expert-width, "
+                and (self.width_method != "wanda" or self.width_refit != "lsq"
+                     or self.width_data != "calib+mix")):
+            raise UserError("--width-method/--width-refit/--width-data apply to --expert-width, "
                             "--shared-width or --allow-prune")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k {self.top_k}: must be at least 1")

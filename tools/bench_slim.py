@@ -2,6 +2,7 @@
 
     python tools/bench_slim.py [--n 500] [--calib all] [--calib-n 16] [--png docs/bench_slim.png]
                                [--json FILE] [--speed-layers 2] [--repeat 3] [--tables FILE]
+                               [--allocator-only]
 
 On the bundled model, GGUF files of the same weight size are compiled by moecompile along one
 axis at a time — expert width only (`--expert-width`, every importance, with and without the
@@ -16,7 +17,8 @@ against the most accurate single axis of its size, with a paired 95% confidence 
 
 Sizes: the F16 file at width 0.75 and 0.5 (so width-only at those sizes is exactly that
 width), and the uniform Q4_K and Q3_K files' sizes. A width sweep at 0.25 adds the third
-width for "importance-based at least random". Then decode speed: a width-0.5 Q8_0 file next to
+width for "importance-based at least random". `--allocator-only`: only the types and the
+allocator rows, at those sizes and the uniform Q6_K and Q5_K files' besides. Then decode speed: a width-0.5 Q8_0 file next to
 the full Q8_0 one in llama.cpp (as tools/bench_trim.py times files), on the bundled model and
 on a random-weight checkpoint with OLMoE-1B-7B's shapes cut to `--speed-layers` layers
 (cached in .bench/). A PNG of size vs KL and size vs accuracy needs matplotlib.
@@ -123,8 +125,8 @@ class Bench:
         return {f"kl_{name}": divergence(model, self.base, seqs, progress=False)["kl"]
                 for name, seqs in self.sequences.items()}
 
-    def sizes(self) -> dict[str, int]:
-        """Weight bytes of the four sizes: F16 at width 0.75 and 0.5, uniform Q4_K and Q3_K."""
+    def sizes(self, qtypes=("q4_k", "q3_k")) -> dict[str, int]:
+        """Weight bytes of the sizes: F16 at width 0.75 and 0.5, uniform `qtypes`."""
         full = compile_gguf(self.model, self.work / "f16.gguf", "--dtype", "f16", "--no-verify")
         model = frontend.load(self.model)
         expert = model.blocks[0].ffn.experts[0]
@@ -137,7 +139,7 @@ class Bench:
         for fraction in (0.75, 0.5):
             w = block_friendly(fraction, expert.width)
             out[f"F16 at width {fraction}"] = self.f16 - per_neuron * (expert.width - w)
-        for qtype in ("q4_k", "q3_k"):
+        for qtype in qtypes:
             r = compile_gguf(self.model, self.work / f"{qtype}.gguf", "--quant", qtype,
                              "--no-verify")
             out[f"{qtype.upper()} size"] = r["tensor_bytes"]
@@ -145,14 +147,26 @@ class Bench:
             f.unlink()
         return out
 
+    def allocator_rows(self, size: str, tag: str, weights: int) -> None:
+        """Types alone (`--quant auto`) and the allocator (`--allow-prune`) at `weights`."""
+        budget = str(weights + self.fixed)
+        self.row(size, "types", "--quant auto", f"{tag}-auto",
+                 ["--quant", "auto", "--budget", budget, "--ctx", str(CTX), *self.calib], weights)
+        self.row(size, "all", "--budget --allow-prune", f"{tag}-all",
+                 ["--budget", budget, "--ctx", str(CTX), "--allow-prune", *self.calib], weights)
+
     def run(self) -> dict:
         original = {"config": "original (transformers)",
                     **measure(self.base, None, self.tasks, self.args.n)}
         print(json.dumps({k: v for k, v in original.items() if k != "correct"}), flush=True)
-        sizes = self.sizes()
+        only = self.args.allocator_only
+        sizes = self.sizes(("q6_k", "q5_k", "q4_k", "q3_k") if only else ("q4_k", "q3_k"))
         n_experts = frontend.load(self.model).blocks[0].ffn.n_experts
         for size, weights in sizes.items():
             tag = size.replace(" ", "_")
+            if only:
+                self.allocator_rows(size, tag, weights)
+                continue
             width = self.width - math.ceil((self.f16 - weights) / self.per_neuron)
             if width < 1:
                 self.rows.append({"size": size, "axis": "width", "config": "F16, any width",
@@ -176,13 +190,9 @@ class Bench:
                 self.row(size, "experts", f"{experts} experts ({best})", f"{tag}-e-{best}",
                          ["--dtype", "f16", "--experts", str(experts), "--prune-method", best,
                           *self.calib])
-            budget = str(weights + self.fixed)
-            self.row(size, "types", "--quant auto", f"{tag}-auto",
-                     ["--quant", "auto", "--budget", budget, "--ctx", str(CTX), *self.calib],
-                     weights)
-            self.row(size, "all", "--budget --allow-prune", f"{tag}-all",
-                     ["--budget", budget, "--ctx", str(CTX), "--allow-prune", *self.calib],
-                     weights)
+            self.allocator_rows(size, tag, weights)
+        if only:
+            return {"original": original, "sizes": sizes, "rows": self.rows}
         sweep = block_friendly(0.25, self.width)
         for imp in IMPORTANCES:
             for refit in REFITS:
@@ -358,6 +368,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-quality", action="store_true", help="only the speed table")
+    p.add_argument("--allocator-only", action="store_true",
+                   help="only types and the allocator, at two more sizes (Q6_K's, Q5_K's); "
+                        "no speed table")
     p.add_argument("--tables", type=Path, metavar="FILE.json",
                    help="print the tables and the plot of a saved --json run; measure nothing")
     args = p.parse_args()
@@ -374,11 +387,12 @@ def main() -> None:
         result = None if args.skip_quality else Bench(args, Path(tmp)).run()
         if args.json and result:
             args.json.write_text(json.dumps(result))
-        speeds = speed(args, Path(tmp))
+        speeds = [] if args.allocator_only else speed(args, Path(tmp))
     if result:
         print()
         print(table(result))
-        plot(result, args.png)
+        if not args.allocator_only:  # the README's plot shows every axis
+            plot(result, args.png)
     print()
     print(speed_table(speeds))
     if args.json:

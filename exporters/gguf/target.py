@@ -388,9 +388,11 @@ class GGUFTarget(Target):
         return model, by_tensor, importance, quant, lines
 
     def structures(self, model: ir.Model, full: Structure, weight_budget: int) -> list[Structure]:
-        """The structures --allow-prune weighs: 3/4 and 1/2 of the experts and of their width
-        (rounded to whole quantization blocks), and the most experts that fit at the smallest
-        types where even half do not."""
+        """The structures --allow-prune weighs: 3/4 and 1/2 of the experts, 7/8, 3/4 and 1/2
+        of their width (rounded to whole quantization blocks), and the most experts that fit
+        at the smallest types where even half do not. (7/8: on the bundled model at the
+        uniform Q4_K file's size, width 224 and types measured KL 0.0030 on test prompts
+        against 0.0090 for types alone, where 3/4 tied with types.)"""
         counts = {full.experts, max(1, round(0.75 * full.experts)), max(1, full.experts // 2)}
         groups = self.groups(model)
         smallest = {g: min(self.group_bytes(ts, n) for n in CANDIDATES) for g, ts in groups.items()}
@@ -398,7 +400,8 @@ class GGUFTarget(Target):
         fit = self._experts_that_fit(model, smallest, unquantized, weight_budget)
         if fit is not None and fit < min(counts):
             counts.add(fit)
-        widths = {full.width, block_friendly(0.75, full.width), block_friendly(0.5, full.width)}
+        widths = {full.width, block_friendly(0.875, full.width), block_friendly(0.75, full.width),
+                  block_friendly(0.5, full.width)}
         return [Structure(n, w) for n in sorted(counts, reverse=True)
                 for w in sorted(widths, reverse=True)]
 

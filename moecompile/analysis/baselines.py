@@ -35,7 +35,7 @@ from moecompile.runtime.executor import (ReferenceExecutor, combine_experts, rou
                                          select_experts, swiglu)
 from moecompile.runtime.streaming import Observer
 
-from .calibration import CalibSet
+from .calibration import CalibSet, spread_rows
 from .expert_plan import LayerPlan, keep_plan, moe_layers
 from .neurons import example_of_tokens, examples_of_shard
 from .observers import _add
@@ -230,15 +230,15 @@ def _least_loss(subsets: list[list[int]], squares: torch.Tensor) -> list[int]:
 
 class ReconstructionObserver(Observer):
     """`reconstruct` for a model that streams (runtime/streaming.py): during one layer-major
-    pass of the original, each MoE layer's input (of the first examples holding `TOKENS`
-    tokens) is run through every expert, `CHUNK_BYTES` of outputs at a time (the experts'
+    pass of the original, each MoE layer's input (of examples holding `TOKENS` tokens, spread
+    over the set: calibration.spread_rows) is run through every expert, `CHUNK_BYTES` of outputs at a time (the experts'
     weights are read once per chunk), and each candidate subset's squared output error is
     summed per calibration example (`subset_squares`) — sums, so token shards merge by
     addition. `best(layer)` then takes the subset the token-major search takes on those
     tokens: the same subsets, the same loss."""
 
     CHUNK_BYTES = 512 * 2**20  # every expert's output on a chunk of tokens, float32
-    TOKENS = 1024  # at least this many tokens, of the first examples, are reconstructed
+    TOKENS = 1024  # at least this many tokens, of examples spread over the set, are reconstructed
 
     def __init__(self, model: ir.Model, calib: CalibSet, n_keep: int, seed: int):
         self.layers = {i: model.blocks[i].ffn for i in moe_layers(model)}
@@ -246,10 +246,11 @@ class ReconstructionObserver(Observer):
         self.n_examples = calib.n_examples
         self.examples = example_of_tokens(calib)  # of each real token, in the whole set
         # every expert on every token costs E/k times the routed forward, and 2000 subsets are
-        # scored on each (OLMoE, 4096 tokens: 50 of the 62 s a block took); the first examples
-        # holding TOKENS tokens measure a layer's output error (all of a smaller set)
-        counts = torch.bincount(self.examples, minlength=calib.n_examples).cumsum(0)
-        self.cutoff = int((counts < self.TOKENS).sum()) + 1
+        # scored on each (OLMoE, 4096 tokens: 50 of the 62 s a block took); examples holding
+        # TOKENS tokens measure a layer's output error (all of a smaller set), spread over the
+        # set (its first examples would be its first tasks only)
+        self.measured = torch.zeros(calib.n_examples, dtype=torch.bool)
+        self.measured[spread_rows(calib, self.TOKENS)] = True
         self.squares: dict[int, torch.Tensor] = {}  # layer -> (subsets, examples) float64
         self.executor = None
 
@@ -265,7 +266,7 @@ class ReconstructionObserver(Observer):
     def routing(self, block, x, logits, idx, weights):
         if block not in self.layers or not x.shape[0]:
             return
-        used = self.examples < self.cutoff
+        used = self.measured[self.examples]
         if not used.any():
             return
         if not used.all():
@@ -295,4 +296,4 @@ class ReconstructionObserver(Observer):
             return self.subsets[layer][0]
         return _least_loss(self.subsets[layer], squares)
 
-    transient = Observer.transient + ("examples", "layers", "subsets")
+    transient = Observer.transient + ("examples", "layers", "subsets", "measured")

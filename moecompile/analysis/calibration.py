@@ -49,6 +49,21 @@ class CalibSet:
         return CalibSet(self.spec, self.kind, self.ids[rows], self.mask[rows], self.targets[rows],
                         self.per_item)
 
+    def joined(self, other: "CalibSet") -> "CalibSet":
+        """This set's examples, then `other`'s, padded to one width: inputs for activation
+        statistics only (a fitness needs one kind of scoring: the result keeps this set's kind
+        and is not meant to be scored)."""
+        width = max(self.ids.shape[1], other.ids.shape[1])
+
+        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        return CalibSet(f"{self.spec} + {other.spec}", self.kind,
+                        torch.cat([pad(self.ids, 0), pad(other.ids, 0)]),
+                        torch.cat([pad(self.mask, 0), pad(other.mask, 0)]),
+                        torch.cat([pad(self.targets, -100), pad(other.targets, -100)]),
+                        self.per_item)
+
 
 def load_tokenizer(model: ir.Model):
     """The model's tokenizer (transformers' loader: tokenizer.json or tokenizer.model)."""
@@ -96,6 +111,22 @@ def build_calib(model: ir.Model, spec: str, n: int = 32, skip: int = 0) -> Calib
         # position t predicts token t+1: scored targets are tokens first..len-1
         targets[i, first - 1:len(seq) - 1] = torch.tensor(seq[first:])
     return CalibSet(spec, kind, ids, mask, targets, n)
+
+
+def spread_rows(calib: CalibSet, tokens: int) -> list[int]:
+    """Calibration sequences holding `tokens` real tokens (at least one), spread evenly over
+    the set: its items come grouped (task by task, or a text mix source by source), and the
+    first ones hold only the first tasks — at --calib all --calib-n 24 the bundled model's
+    first sequences holding 1024 tokens were add, sort, rev and two max examples, no brackets
+    or shift. What a measurement too costly for every token (layer-local errors, every
+    expert on a token) is taken on."""
+    lengths = calib.mask.sum(1).tolist()
+    n = len(lengths)
+    for m in range(max(1, min(n, tokens // max(max(lengths), 1))), n + 1):
+        rows = sorted({j * n // m for j in range(m)})
+        if sum(lengths[i] for i in rows) >= tokens:
+            return rows
+    return list(range(n))
 
 
 def held_out(model: ir.Model, calib: CalibSet) -> CalibSet | None:

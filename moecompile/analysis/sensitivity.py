@@ -27,7 +27,7 @@ from tqdm import tqdm
 from moecompile import ir
 from moecompile.runtime.executor import ReferenceExecutor, SourceNumerics, rms_norm, route
 
-from .calibration import CalibSet
+from .calibration import CalibSet, spread_rows
 
 
 class CalibKL:
@@ -137,20 +137,6 @@ TOP_K = 1024  # reference log-probabilities kept per token for the end-to-end KL
 PROBE_BANDS = 2
 
 
-def measurement_rows(calib: CalibSet, tokens: int = LOCAL_TOKENS) -> list[int]:
-    """Calibration sequences holding `tokens` real tokens (at least one), spread evenly over
-    the set: its items come grouped (task by task, or a text mix source by source), and the
-    first ones held only the first tasks — at --calib all --calib-n 24 the bundled model's
-    measurement tokens were add, sort, rev and two max examples, no brackets or shift."""
-    lengths = calib.mask.sum(1).tolist()
-    n = len(lengths)
-    for m in range(max(1, min(n, tokens // max(max(lengths), 1))), n + 1):
-        rows = sorted({j * n // m for j in range(m)})
-        if sum(lengths[i] for i in rows) >= tokens:
-            return rows
-    return list(range(n))
-
-
 def topk_kl(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per token from p's top-K log-probabilities (ids, values) and q's full
     log-probabilities, the rest of each distribution taken as one outcome: exact when K covers
@@ -219,7 +205,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     measured as KL, "tokens": n, "rows": the calibration rows}."""
     from moecompile.runtime.streaming import StreamingExecutor
 
-    rows = measurement_rows(calib, tokens)
+    rows = spread_rows(calib, tokens)
     ids, mask = calib.ids[rows], calib.mask[rows]
     ex = StreamingExecutor(model, device)
     real = mask.bool().to(ex.device)
@@ -403,7 +389,7 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     ids, mask = calib.ids[rows], calib.mask[rows]
     check_ids, check_mask = ids, mask
     if held is not None:  # one batch, the measurement rows first: one reference serves both
-        more = measurement_rows(held)
+        more = spread_rows(held, LOCAL_TOKENS)
         width = max(ids.shape[1], held.ids.shape[1])
         ids, mask = _widened(ids, width), _widened(mask, width)
         check_ids = torch.cat([ids, _widened(held.ids[more], width)])

@@ -6,7 +6,7 @@ import torch
 
 from moecompile import frontend
 from moecompile.analysis import sensitivity
-from moecompile.analysis.calibration import build_calib, held_out
+from moecompile.analysis.calibration import build_calib, held_out, spread_rows
 from moecompile.exporters.gguf.target import GGUFTarget, group_units
 from moecompile.tasks import load_calibration
 
@@ -16,13 +16,13 @@ def model(tiny_model):
     return frontend.load(tiny_model("mixtral", hidden_size=256, intermediate_size=64))
 
 
-def test_measurement_rows_are_spread_over_every_task(model):
+def test_measured_rows_are_spread_over_every_task(model):
     """Calibration items come task by task: the first sequences holding the measurement
     tokens were the first tasks only."""
     calib = build_calib(model, "all", 12)
     tasks = [ex.task for ex in load_calibration("all", 12)]
     tokens = calib.n_tokens // 3
-    rows = sensitivity.measurement_rows(calib, tokens)
+    rows = spread_rows(calib, tokens)
     assert int(calib.mask[rows].sum()) >= tokens
     assert {tasks[r] for r in rows} == set(tasks)
     first, total = 0, 0
@@ -30,7 +30,7 @@ def test_measurement_rows_are_spread_over_every_task(model):
         total += int(calib.mask[first].sum())
         first += 1
     assert {tasks[r] for r in range(first)} != set(tasks)
-    assert sensitivity.measurement_rows(calib, calib.n_tokens + 1) == list(range(len(tasks)))
+    assert spread_rows(calib, calib.n_tokens + 1) == list(range(len(tasks)))
 
 
 def test_mixes_are_judged_on_held_out_tokens_too(model):
@@ -47,7 +47,7 @@ def test_mixes_are_judged_on_held_out_tokens_too(model):
                                               "q4_k", progress=False, held=held)
     parts = []
     for data in (calib, held):
-        rows = sensitivity.measurement_rows(data)
+        rows = spread_rows(data, sensitivity.LOCAL_TOKENS)
         ids, mask = data.ids[rows], data.mask[rows]
         reference = sensitivity.StreamingKL()
         StreamingExecutor(model).run(ids, mask, reference.consume)

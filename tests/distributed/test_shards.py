@@ -8,7 +8,7 @@ import torch
 
 from moecompile import frontend
 from moecompile.analysis.baselines import ReconstructionObserver
-from moecompile.analysis.calibration import build_calib
+from moecompile.analysis.calibration import build_calib, spread_rows
 from moecompile.analysis.fitness import StreamingFitness
 from moecompile.analysis.neurons import NeuronObserver, mlp_paths
 from moecompile.analysis.observers import (ImportanceObserver, Observers, RouterObserver,
@@ -98,19 +98,21 @@ def test_reconstruction_errors_of_merged_shards_equal_the_single_run(ray_engine,
         assert got.best(layer) == want.best(layer)
 
 
-def test_reconstruction_takes_the_first_examples_holding_its_tokens(ray_engine, setup,
-                                                                    monkeypatch):
-    """At real size only the first examples holding TOKENS tokens are run through every expert
-    (their cost is E/k forwards a token); a shard that holds none of them adds nothing."""
+def test_reconstruction_takes_examples_holding_its_tokens_spread_over_the_set(
+        ray_engine, setup, monkeypatch):
+    """At real size only examples holding TOKENS tokens are run through every expert (their
+    cost is E/k forwards a token), spread over the set (its first examples are its first
+    tasks only); a shard that holds none of them adds nothing."""
     model, calib, _ = setup
     monkeypatch.setattr(ReconstructionObserver, "TOKENS", 40)
     whole, _ = stream(ray_engine, model, calib, ReconstructionObserver(model, calib, 2, seed=0),
                       shards=1)
-    cutoff = whole.cutoff
-    tokens = calib.mask.sum(1).cumsum(0)
-    assert tokens[cutoff - 2] < 40 <= tokens[cutoff - 1] and cutoff < calib.n_examples
+    rows = spread_rows(calib, 40)
+    assert int(calib.mask[rows].sum()) >= 40 and len(rows) < calib.n_examples
+    assert rows[-1] >= 6  # into the last task (brackets): the first 40 tokens were add and rev
+    others = [r for r in range(calib.n_examples) if r not in rows]
     for w in whole.squares.values():
-        assert (w[:, :cutoff] > 0).all() and (w[:, cutoff:] == 0).all()
+        assert (w[:, rows] > 0).all() and (w[:, others] == 0).all()
     got, _ = stream(ray_engine, model, calib, ReconstructionObserver(model, calib, 2, seed=0),
                     shards=3)
     for layer, w in whole.squares.items():

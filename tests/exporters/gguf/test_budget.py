@@ -330,7 +330,7 @@ def test_allow_prune_slims_with_the_width_method_and_refit_asked_for(tiny_model,
     slim = [h for h in variant.model.history if h["pass"] == "slim_experts"]
     assert [(h["method"], h["refit"]) for h in slim] == [("weight", "none")]
     assert variant.loss > 0 and any("(weight, refit none)" in line for line in said)
-    with pytest.raises(UserError, match="--width-method/--width-refit apply to"):
+    with pytest.raises(UserError, match="--width-method/--width-refit/--width-data apply to"):
         Options(str(folder), output=str(tmp_path / "m.gguf"),
                 width_method="weight").validate()
 
@@ -338,9 +338,10 @@ def test_allow_prune_slims_with_the_width_method_and_refit_asked_for(tiny_model,
 def test_a_structure_is_judged_on_held_out_calibration_and_the_general_text_mix(tiny_model,
                                                                                 tmp_path):
     """A variant's loss is the larger of its KL on the held-out calibration examples and on
-    the built-in general text mix (pruning and slimming remove what the calibration data does
-    not exercise); a calibration that is that mix is judged on its held-out chunks alone, and
-    one with nothing to hold out on the items it was fitted to, which its line says."""
+    held-out chunks of the built-in general text mix (pruning and slimming remove what their
+    data does not exercise; widths are fitted to the mix's first chunks too); a calibration
+    that is that mix is judged on its held-out chunks alone, and one with nothing to hold out
+    on the items it was fitted to, which its line says."""
     from moecompile.analysis.calibration import build_calib
     from moecompile.analysis.sensitivity import CalibKL
     from moecompile.job import PassVariants
@@ -365,7 +366,7 @@ def test_a_structure_is_judged_on_held_out_calibration_and_the_general_text_mix(
             model.blocks[0].ffn.n_experts, full // 2)
         sets = [build_calib(model, spec, 3, skip=0 if spec.endswith(".txt") else 3)]
         if spec != "default":
-            sets.append(build_calib(model, "default", 3))
+            sets.append(build_calib(model, "default", 3, skip=3))
         want = [CalibKL(model, data).of_model(variant.model) for data in sets]
         assert variant.loss == max(want) > 0
         line = next(s for s in said if s.startswith("--allow-prune: measured"))
