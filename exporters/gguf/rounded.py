@@ -39,12 +39,12 @@ KEEP_FREE = 8 << 30  # bytes the store leaves free on its disk
 class RoundedStore:
     """The kept bytes of one command's rounded weights, by (IR path, ggml type)."""
 
-    def __init__(self, keep_free: int = KEEP_FREE):
+    def __init__(self, keep_free: int | None = None):
         self._folder: Path | None = None
         self._files: dict[int, object] = {}
         self._index: dict[tuple[str, int], tuple[int, int]] = {}  # -> (offset, bytes)
         self.hits = self.misses = 0
-        self.keep_free = keep_free
+        self.keep_free = KEEP_FREE if keep_free is None else keep_free
         self.not_kept = 0  # weights rounded but not kept: the disk had no room left for them
         self.kept_bytes = 0
 

@@ -346,6 +346,8 @@ class GGUFTarget(Target):
             held = held_out(model, calib) if self._is_local(model, request) else None
             sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
                                                           request, ctx, store, held)
+            short = store.shortfall() if store is not None else None
+            not_kept = store.not_kept if short else None
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
@@ -376,6 +378,7 @@ class GGUFTarget(Target):
         lines += [f"quant auto: {len(choice.group_types)} groups, weights "
                   f"{format_size(choice.total)}, predicted KL {choice.predicted:.4f}"
                   + (f" (layer-local sensitivity on {info['tokens']} tokens)" if local else "")]
+        lines += [short] if short else []
         lines += type_table(choice.group_types, _group_kind)
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": choice.predicted,
                  "groups": choice.group_types, "sensitivity": sens,
@@ -385,6 +388,8 @@ class GGUFTarget(Target):
                                "experts_before": full.experts, "width_before": full.width,
                                "measured_kl": choice.structure_loss,
                                "options": choice.options}}
+        if not_kept:
+            quant["rounded_not_kept"] = not_kept
         return model, by_tensor, importance, quant, lines
 
     def structures(self, model: ir.Model, full: Structure, weight_budget: int) -> list[Structure]:

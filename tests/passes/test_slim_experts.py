@@ -151,13 +151,16 @@ def test_full_width_changes_nothing(tiny_model, calib_of):
 
 
 @needs_bundled
-def test_importance_beats_random_and_refit_beats_none_on_the_bundled_model():
-    """Measured on held-out calibration examples (items 9-16 of each task's calib split)."""
+@pytest.mark.parametrize("general_mix", [False, True])
+def test_importance_beats_random_and_refit_beats_none_on_the_bundled_model(general_mix):
+    """Measured on held-out calibration examples (items 9-16 of each task's calib split),
+    fitted to the calibration alone and with the general text mix (the CLI's default)."""
     model = frontend.load(BUNDLED)
     calib = build_calib(model, "all", 8)
     kl = CalibKL(model, build_calib(model, "all", 8, skip=8))
     for width in ("0.75", "0.5"):
-        got = {(m, r): kl.of_model(apply(SlimExperts(width, m, r), model, calib)[0])
+        got = {(m, r): kl.of_model(apply(SlimExperts(width, m, r, general_mix=general_mix),
+                                         model, calib)[0])
                for m in ("wanda", "activation", "weight", "random") for r in ("lsq", "none")}
         for refit in ("lsq", "none"):
             for measured in ("wanda", "activation", "weight"):

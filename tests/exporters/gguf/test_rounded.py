@@ -1,8 +1,10 @@
 """The store of rounded weights: each (path, type) quantized once, the same values every time."""
 
+import json
 import pickle
 
 import numpy as np
+import pytest
 import torch
 
 from moecompile.exporters.gguf.rounded import RoundedStore
@@ -90,3 +92,36 @@ def test_the_file_copies_kept_bytes_in_its_own_row_order(tiny_model, tmp_path, m
     a, b, c = (r.path.read_bytes() for r in (with_vector, copied, plain))
     assert a == b and b != c
     store.close()
+
+
+@pytest.mark.parametrize("allow_prune", [False, True])
+def test_quant_auto_says_when_the_disk_kept_no_rounded_weight(tiny_model, tmp_path,
+                                                             monkeypatch, capsys, allow_prune):
+    """--quant auto at real size (streaming forced), with and without --allow-prune, on a disk
+    without the room the store leaves free: the file is still written and verifies, and the
+    output and the report say how many rounded weights were quantized again."""
+    from moecompile import frontend
+    from moecompile.cli import main
+    from moecompile.exporters.gguf import rounded
+    from moecompile.exporters.gguf.memory import context_bytes
+    from moecompile.exporters.gguf.target import GGUFTarget
+    from moecompile.exporters.target import TypeRequest
+    from moecompile.passes.base import PassContext
+    from moecompile.runtime import streaming
+
+    monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
+    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
+    model = frontend.load(folder)
+    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
+                                         PassContext()).weight_bytes
+    budget = context_bytes(model, 128) + int((0.7 if allow_prune else 1.5) * smallest)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(rounded, "KEEP_FREE", 1 << 62)
+    out = tmp_path / "m.gguf"
+    assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget", str(budget),
+                 "--ctx", "128", "--calib", "add,rev", "--calib-n", "3",
+                 *(["--allow-prune", "--prune-method", "frequency"] if allow_prune else [])]) == 0
+    said = capsys.readouterr()
+    assert "not kept beside" in said.out + said.err
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["quant"]["rounded_not_kept"] > 0 and report["verification"]["passed"]
