@@ -18,6 +18,11 @@ kept neurons reconstructs the original expert's output (ridge towards the plain 
 on held-out calibration examples; the slice where refitting does not help there). The refit is
 a lazy recipe (`ir.MixColumns`): the weights are read when a target writes them.
 
+With `general_mix` (the CLI's `--width-data calib+mix`, its default) the importances and the
+refit are computed on the calibration set and as many chunks of the built-in general text mix:
+fitted to task prompts alone, a width drops what those prompts leave idle and text outside them
+uses (bundled model, width 192: KL 0.016 against 0.0008 on Python source).
+
 Routed experts take `width`; shared experts and dense MLPs take `shared_width` (None: left
 alone — always-on MLPs carry every token, and the evidence is to keep them high). The result
 of each expert (kept count, a hash of the kept neurons, the ridge and the reconstruction
@@ -157,7 +162,7 @@ class SlimExperts(Pass):
             stats = observer.result()
             if data is not calib:  # a fitness scores one kind of data: its own pass
                 _, original = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
-                                     what=("fitness", "original"),
+                                     what=("fitness",),
                                      progress="original's fitness" if ctx.progress else None)
         else:
             stats = neurons.collect(model, data, set(todo), ctx.device, full)

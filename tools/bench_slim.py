@@ -18,8 +18,8 @@ against the most accurate single axis of its size, with a paired 95% confidence 
 Sizes: the F16 file at width 0.75 and 0.5 (so width-only at those sizes is exactly that
 width), and the uniform Q4_K and Q3_K files' sizes. A width sweep at 0.25 adds the third
 width for "importance-based at least random". `--allocator-only`: only the types and the
-allocator rows, at those sizes and the uniform Q6_K and Q5_K files' besides. Then decode speed: a width-0.5 Q8_0 file next to
-the full Q8_0 one in llama.cpp (as tools/bench_trim.py times files), on the bundled model and
+allocator rows, at those sizes and the uniform Q6_K and Q5_K files' besides. Then decode
+speed: a width-0.5 Q8_0 file next to the full Q8_0 one in llama.cpp (as tools/bench_trim.py times files), on the bundled model and
 on a random-weight checkpoint with OLMoE-1B-7B's shapes cut to `--speed-layers` layers
 (cached in .bench/). A PNG of size vs KL and size vs accuracy needs matplotlib.
 """

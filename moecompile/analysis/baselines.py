@@ -231,10 +231,10 @@ def _least_loss(subsets: list[list[int]], squares: torch.Tensor) -> list[int]:
 class ReconstructionObserver(Observer):
     """`reconstruct` for a model that streams (runtime/streaming.py): during one layer-major
     pass of the original, each MoE layer's input (of examples holding `TOKENS` tokens, spread
-    over the set: calibration.spread_rows) is run through every expert, `CHUNK_BYTES` of outputs at a time (the experts'
-    weights are read once per chunk), and each candidate subset's squared output error is
-    summed per calibration example (`subset_squares`) — sums, so token shards merge by
-    addition. `best(layer)` then takes the subset the token-major search takes on those
+    over the set: calibration.spread_rows) is run through every expert, `CHUNK_BYTES` of
+    outputs at a time (the experts' weights are read once per chunk), and each candidate
+    subset's squared output error is summed per calibration example (`subset_squares`) —
+    sums, so token shards merge by addition. `best(layer)` then takes the subset the token-major search takes on those
     tokens: the same subsets, the same loss."""
 
     CHUNK_BYTES = 512 * 2**20  # every expert's output on a chunk of tokens, float32
