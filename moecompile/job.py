@@ -78,7 +78,7 @@ def passes_for(options: Options, router_mode: str) -> list[Pass]:
         out.append(PruneExperts(options.experts, options.prune_method, config, router_mode))
     if options.slimmed:
         out.append(SlimExperts(options.expert_widths, options.width_method, options.width_refit,
-                               options.shared_widths, options.width_data == "calib+mix"))
+                               options.shared_widths, options.widths_fit_the_mix))
     if options.top_k is not None:
         out.append(ReduceTopK(options.top_k, options.topk_method, config))
     if options.drop_blocks:
@@ -271,7 +271,7 @@ class PassVariants(VariantSource):
                    for ex in b.ffn.experts):
                 slim = SlimExperts(str(width), self.options.width_method,
                                    self.options.width_refit,
-                                   general_mix=self.options.width_data == "calib+mix")
+                                   general_mix=self.options.widths_fit_the_mix)
                 model, _ = PassManager([slim]).run(model, self.ctx)
                 passes_run.append(f"width {width} ({self.options.width_method}, refit "
                                   f"{self.options.width_refit})")

@@ -70,6 +70,11 @@ class Options:
         return parse_size(self.budget) if self.budget else None
 
     @property
+    def widths_fit_the_mix(self) -> bool:
+        """--width-data calib+mix: widths fitted to the calibration and the general text mix."""
+        return self.width_data == "calib+mix"
+
+    @property
     def expert_widths(self) -> WidthRequest | None:
         return parse_width(self.expert_width) if self.expert_width else None
 

@@ -301,9 +301,9 @@ class GGUFTarget(Target):
             quant["seconds_to_choose"] = round(time.monotonic() - started, 1)
         line = (f"quant auto: {len(group_types)} groups, weights {format_size(total)}, "
                 f"predicted KL {predicted:.4f}{tail}")
-        short = store.shortfall() if store is not None else None
-        if short:
-            quant["rounded_not_kept"] = store.not_kept
+        short, not_kept = _shortfall(store)
+        if not_kept:
+            quant["rounded_not_kept"] = not_kept
         return (by_tensor, importance, quant,
                 [line, *([short] if short else [])] + type_table(group_types, _group_kind))
 
@@ -346,8 +346,7 @@ class GGUFTarget(Target):
             held = held_out(model, calib) if self._is_local(model, request) else None
             sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
                                                           request, ctx, store, held)
-            short = store.shortfall() if store is not None else None
-            not_kept = store.not_kept if short else None
+            short, not_kept = _shortfall(store)
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
@@ -622,6 +621,13 @@ class GGUFTarget(Target):
 
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _shortfall(store) -> tuple[str | None, int | None]:
+    """(the line telling the user that the rounded store's disk ran short, the weights it could
+    not keep), or (None, None) without a store or when it kept every weight."""
+    short = store.shortfall() if store is not None else None
+    return short, store.not_kept if short else None
 
 
 @contextmanager

@@ -234,11 +234,11 @@ class ReconstructionObserver(Observer):
     over the set: calibration.spread_rows) is run through every expert, `CHUNK_BYTES` of
     outputs at a time (the experts' weights are read once per chunk), and each candidate
     subset's squared output error is summed per calibration example (`subset_squares`) —
-    sums, so token shards merge by addition. `best(layer)` then takes the subset the token-major search takes on those
-    tokens: the same subsets, the same loss."""
+    sums, so token shards merge by addition. `best(layer)` then takes the subset the
+    token-major search takes on those tokens: the same subsets, the same loss."""
 
     CHUNK_BYTES = 512 * 2**20  # every expert's output on a chunk of tokens, float32
-    TOKENS = 1024  # at least this many tokens, of examples spread over the set, are reconstructed
+    TOKENS = 1024  # at least this many tokens (examples spread over the set) are reconstructed
 
     def __init__(self, model: ir.Model, calib: CalibSet, n_keep: int, seed: int):
         self.layers = {i: model.blocks[i].ffn for i in moe_layers(model)}
