@@ -66,6 +66,12 @@ class VariantSource:
     def __call__(self, experts: int, width: int) -> Variant:
         raise NotImplementedError
 
+    def judge(self, model: ir.Model, numerics) -> float:
+        """KL(original || `model` computed with `numerics`, e.g. its weights as a file's types
+        hold them), on the data variants are measured on: a structure with its types, end
+        to end."""
+        raise NotImplementedError
+
 
 @dataclass
 class TypePlan:

@@ -282,9 +282,15 @@ class PassVariants(VariantSource):
             self.built[key] = Variant(model, max(losses.values()))
         return self.built[key]
 
-    def _losses(self, model: ir.Model) -> dict[str, float]:
-        """KL(original || model) at full precision on each data set a structure is judged on:
-        the held-out calibration data and the built-in general text mix."""
+    def judge(self, model: ir.Model, numerics) -> float:
+        """The larger KL of `model` on `numerics` over the data sets a structure is judged on
+        (as its loss at full precision)."""
+        return max(self._losses(model, numerics).values())
+
+    def _losses(self, model: ir.Model, numerics=None) -> dict[str, float]:
+        """KL(original || model) at full precision (or on `numerics`) on each data set a
+        structure is judged on: the held-out calibration data and the built-in general text
+        mix."""
         if self.judges is None:
             calib, calib_name = self._held_out()
             if calib.spec == DEFAULT:
@@ -298,17 +304,18 @@ class PassVariants(VariantSource):
                          f"chunks, {text.n_tokens} tokens)")
                 sets = {calib_name: calib, "the general text mix": text}
             self.judges = {name: self._judge(data) for name, data in sets.items()}
-        return {name: judge(model) for name, judge in self.judges.items()}
+        return {name: judge(model, numerics) for name, judge in self.judges.items()}
 
-    def _judge(self, data: CalibSet) -> Callable[[ir.Model], float]:
-        """KL(original || a model) on `data`: token-major for a model that fits, else one
-        layer-major pass of the original now and one of each model later."""
+    def _judge(self, data: CalibSet) -> Callable[[ir.Model, object], float]:
+        """KL(original || a model on some numerics) on `data`: token-major for a model that
+        fits, else one layer-major pass of the original now and one of each model later."""
         device = self.ctx.device
         if not streams(self.model):
             return CalibKL(self.model, data, device).of_model
         reference = StreamingKL()
         StreamingExecutor(self.model, device).run(data.ids, data.mask, reference.consume)
-        return lambda model: streaming_kl(model, data.ids, data.mask, reference, device=device)
+        return lambda model, numerics: streaming_kl(model, data.ids, data.mask, reference,
+                                                    numerics, device)
 
     def _held_out(self) -> tuple[CalibSet, str]:
         """The calibration items after the first --calib-n, and what to call them in the

@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -342,28 +343,48 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
         units = group_units(groups)
-        with _rounded_store(model) as store:
-            held = held_out(model, calib) if self._is_local(model, request) else None
-            sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
-                                                          request, ctx, store, held)
-            short, not_kept = _shortfall(store)
+        fallbacks = _fallback_types(groups, structures, full, auto_candidates(model))
+        candidates = {g: auto_candidates(model) + fallbacks.get(g, []) for g in units}
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
             built[st] = variants(st.experts, st.width)
             return built[st].loss
 
-        choice = allocate.choose_structured(structures, full, sens, size_of, fixed_of,
-                                            request.budget - fixed, loss_of)
+        with _rounded_store(model) as store:
+            held = held_out(model, calib) if self._is_local(model, request) else None
+            sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
+                                                          request, ctx, store, held, candidates)
+            choice = allocate.choose_structured(structures, full, sens, size_of, fixed_of,
+                                                request.budget - fixed, loss_of,
+                                                _priced_at(sens, groups, full,
+                                                           auto_candidates(model)))
+            importances = {full: importance}
+
+            def with_types(st: Structure, types: dict[str, str]) -> float:
+                """The original's rounded weights are in the sensitivity's store already; a
+                variant (other values under the same paths) gets a store of its own, and
+                its importance matrix, kept for the writer should it win."""
+                if st == full:
+                    return self._with_types(model, types, importance[0], store, variants.judge)
+                m = built[st].model
+                importances[st] = importances.get(st) or self.importance(m, ctx)
+                with _rounded_store(m) as own:
+                    return self._with_types(m, types, importances[st][0], own, variants.judge)
+
+            choice = allocate.settle_end_to_end(choice, with_types)
+            short, not_kept = _shortfall(store)
         if choice.structure != full:
             model = built[choice.structure].model
-            importance = self.importance(model, ctx)  # the writer needs the variant's shapes
+            importance = importances.get(choice.structure) or self.importance(model, ctx)
         chosen = self.groups(model)
         by_tensor = {t.name: choice.group_types[g] for g, ts in chosen.items() for t in ts}
         type_loss = choice.predicted - choice.structure_loss
         lines = [f"--allow-prune: {choice.structure.describe(full)} (measured KL "
-                 f"{choice.structure_loss:.4f}) + types (predicted KL {type_loss:.4f}); "
-                 f"{sum(1 for o in choice.options if o.get('measured'))} of "
+                 f"{choice.structure_loss:.4f}) + types (predicted KL {type_loss:.4f})"
+                 + (f", measured {choice.measured:.4f} together end to end"
+                    if choice.measured is not None else "")
+                 + f"; {sum(1 for o in choice.options if o.get('measured'))} of "
                  f"{len(structures)} structures measured"]
         for o in choice.options:
             what = Structure(o["experts"], o["width"]).describe(full)
@@ -371,7 +392,9 @@ class GGUFTarget(Target):
                 lines.append(f"  {what}: does not fit")
             elif o.get("measured"):
                 lines.append(f"  {what}: KL {o['structure_loss']:.4f} + types "
-                             f"{o['type_loss']:.4f} = {o['predicted']:.4f}")
+                             f"{o['type_loss']:.4f} = {o['predicted']:.4f}"
+                             + (f"; with its types, measured {o['with_types']:.4f}"
+                                if "with_types" in o else ""))
             else:
                 lines.append(f"  {what}: at least {o['bound']:.4f}, not measured")
         lines += [f"quant auto: {len(choice.group_types)} groups, weights "
@@ -386,10 +409,23 @@ class GGUFTarget(Target):
                                "width": choice.structure.width,
                                "experts_before": full.experts, "width_before": full.width,
                                "measured_kl": choice.structure_loss,
+                               **({"measured_with_types": choice.measured}
+                                  if choice.measured is not None else {}),
                                "options": choice.options}}
         if not_kept:
             quant["rounded_not_kept"] = not_kept
         return model, by_tensor, importance, quant, lines
+
+    def _with_types(self, model: ir.Model, types: dict[str, str], importance: dict, store,
+                    judge: Callable) -> float:
+        """A structure's model (the original or a variant) with `types` (group -> type), end
+        to end: its weights rounded as its file would hold them, with its own importance
+        matrix (by GGUF tensor), from `store` where the model streams, judged by `judge`
+        (VariantSource.judge: as structures are)."""
+        paths = {p: types[g] for g, ts in self.groups(model).items() for t in ts
+                 for p in t.paths}
+        with self._rounding(model, importance, store)(None, paths) as value:
+            return judge(model, sensitivity.Replaced(set(paths), value))
 
     def structures(self, model: ir.Model, full: Structure, weight_budget: int) -> list[Structure]:
         """The structures --allow-prune weighs: 3/4 and 1/2 of the experts, 7/8, 3/4 and 1/2
@@ -443,19 +479,22 @@ class GGUFTarget(Target):
         return {k: round(v, 1) for k, v in {**stages, "total": total}.items()}
 
     def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
-                          importance, request: TypeRequest, ctx, store=None, held=None):
+                          importance, request: TypeRequest, ctx, store=None, held=None,
+                          candidates=None):
         """(unit -> type -> predicted KL, whether it is layer-local, how it was measured,
         measure(mix): a mix's KL end to end — None for the full sensitivity, which measures
         each unit end to end already). Layer-local when asked, or (auto) when the model
-        streams; its mixes are measured on the held-out calibration `held` too."""
+        streams; its mixes are measured on the held-out calibration `held` too. `candidates`:
+        the types measured (default auto_candidates), for every unit or per unit."""
         rounding = self._rounding(model, importance[0], store)
         local = self._is_local(model, request)
+        candidates = candidates or auto_candidates(model)
         if not local:
-            sens = sensitivity.measure(model, calib, units, auto_candidates(model), rounding,
+            sens = sensitivity.measure(model, calib, units, candidates, rounding,
                                        ctx.device, ctx.progress, ctx.engine)
             return sens, False, {"method": "full"}, None
         sens, info, check = sensitivity.local_losses(
-            model, calib, units, auto_candidates(model), rounding, LOCAL_PROBE, ctx.device,
+            model, calib, units, candidates, rounding, LOCAL_PROBE, ctx.device,
             ctx.progress, ctx.engine, held)
 
         def measure(mix: dict[str, str]) -> float:
@@ -657,6 +696,45 @@ def _restructured(name: str, shape: tuple[int, ...], st: Structure) -> tuple[int
     if name.endswith("ffn_gate_inp.weight"):
         return (st.experts, shape[1])
     return shape
+
+
+def _held_as(tensors: list, name: str, st: Structure) -> str:
+    """The type a group asked to be `name` is held as at structure `st` (its tensors'
+    stored type: the fallback where `st`'s rows do not fill the type's blocks)."""
+    return stored_type(tensors[0].name, _restructured(tensors[0].name, tensors[0].shape, st),
+                       name)
+
+
+def _priced_at(sens: dict[str, dict[str, float]], groups: dict[str, list], full: Structure,
+               candidates: list[str]) -> Callable[[Structure], dict[str, dict[str, float]]]:
+    """sens_at for allocate.choose_structured: each candidate type's loss at a structure is
+    that of the type its rows are held as there, found among the measured types by what the
+    full model holds for each. (Q4_K asked at width 224 is held as Q5_0; priced at Q4_K's
+    loss, a narrower width paid Q5_0's bytes for Q4_K's damage.)"""
+    def sens_at(st: Structure) -> dict[str, dict[str, float]]:
+        out = {}
+        for g, losses in sens.items():
+            measured = {_held_as(groups[g], n, full): v for n, v in losses.items()}
+            out[g] = {n: measured.get(_held_as(groups[g], n, st), losses[n]) for n in candidates}
+        return out
+
+    return sens_at
+
+
+def _fallback_types(groups: dict[str, list], structures: list[Structure], full: Structure,
+                    candidates: list[str]) -> dict[str, list[str]]:
+    """Per group, the types some structure's rows fall back to that are not candidates
+    already (Q5_0, Q5_1, Q4_0, IQ4_NL for down projections of a width not a multiple of
+    256): --allow-prune measures them too, so a narrower width is priced at the damage of
+    the type it will hold."""
+    out: dict[str, list[str]] = {}
+    for g, tensors in groups.items():
+        held = {_held_as(tensors, name, st) for st in structures for name in candidates}
+        measured = {_held_as(tensors, name, full) for name in candidates}
+        extra = sorted(held - measured - {"f32", "f16", "bf16"})
+        if extra:
+            out[g] = extra
+    return out
 
 
 def _group_kind(group: str) -> str:

@@ -49,12 +49,12 @@ class CalibKL:
         with torch.no_grad():
             return self._kl(self._logits(numerics))
 
-    def of_model(self, other: ir.Model) -> float:
+    def of_model(self, other: ir.Model, numerics=None) -> float:
         """KL(original || another model of the same vocabulary, e.g. one with fewer or
-        narrower experts), float weights."""
+        narrower experts), on float weights or `numerics`."""
         with torch.no_grad():
-            return self._kl(ReferenceExecutor(other, self.device).logits(self.calib.ids,
-                                                                         self.calib.mask))
+            return self._kl(ReferenceExecutor(other, self.device, numerics).logits(
+                self.calib.ids, self.calib.mask))
 
     def _kl(self, logits: torch.Tensor) -> float:
         logp = torch.log_softmax(logits, -1)
@@ -97,12 +97,29 @@ def _joined(units: dict[str, list[str]], parts: list[dict]) -> dict:
     return {u: merged[u] for u in units}
 
 
+# the types to measure: one list for every unit, or per unit
+Candidates = list[str] | dict[str, list[str]]
+
+
+def types_of(candidates: Candidates, unit: str) -> list[str]:
+    """The types `unit` is measured at: `candidates` is one list for every unit, or a dict
+    unit -> list (--allow-prune measures the types a narrower width falls back to as well,
+    where only some units have such rows)."""
+    return candidates[unit] if isinstance(candidates, dict) else candidates
+
+
+def _every_type(candidates: Candidates, names: list[str]) -> list[str]:
+    """Each type any of `names` is measured at, once, in the order given."""
+    return list(dict.fromkeys(t for u in names for t in types_of(candidates, u)))
+
+
 def measure(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
-            candidates: list[str], rounded, device: str = "cpu",
+            candidates: Candidates, rounded, device: str = "cpu",
             progress: bool = True, engine=None) -> dict[str, dict[str, float]]:
     """unit -> type -> KL. `rounded(type)` is a context manager giving `value(path, tensor)`,
-    the weight as a file of that type holds it (None where the type leaves it as it is). The
-    units are split over the engine's workers (default: this process, all of them)."""
+    the weight as a file of that type holds it (None where the type leaves it as it is);
+    `candidates`: the types, for every unit or per unit (`types_of`). The units are split over
+    the engine's workers (default: this process, all of them)."""
     engine = _engine(engine, device)
     parts = engine.map(_measure_units, (model, calib, units, candidates, rounded, progress),
                        unit_shards(units, engine.workers))
@@ -115,13 +132,14 @@ def _measure_units(shared, names: list[str], device: str) -> dict[str, dict[str,
     model, calib, units, candidates, rounded, progress = shared
     kl = CalibKL(model, calib, device)
     out: dict[str, dict[str, float]] = {u: {} for u in names}
-    with tqdm(total=len(candidates) * len(names), desc="quant sensitivity",
-              disable=not progress) as bar:
-        for name in candidates:
+    with tqdm(total=sum(len(types_of(candidates, u)) for u in names),
+              desc="quant sensitivity", disable=not progress) as bar:
+        for name in _every_type(candidates, names):
             with rounded(name) as value:
                 for unit in names:
-                    out[unit][name] = kl(Replaced(set(units[unit]), value))
-                    bar.update(1)
+                    if name in types_of(candidates, unit):
+                        out[unit][name] = kl(Replaced(set(units[unit]), value))
+                        bar.update(1)
     return out
 
 
@@ -191,7 +209,7 @@ def streaming_kl(model: ir.Model, ids, mask, reference: StreamingKL, numerics=No
 
 @torch.no_grad()
 def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
-                  candidates: list[str], rounded, device: str = "cpu", progress: bool = True,
+                  candidates: Candidates, rounded, device: str = "cpu", progress: bool = True,
                   tokens: int = LOCAL_TOKENS, sampled: int = SAMPLED_EXPERTS,
                   only: list[str] | None = None) -> dict:
     """Layer-local errors of every (unit, type), in one layer-major pass: with block i
@@ -227,7 +245,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     scale = float(h[real].pow(2).sum(-1).mean())
     for u in measured:  # the embedding: its rows are the stream itself
         if units[u] == ["embed"]:
-            for name in candidates:
+            for name in types_of(candidates, u):
                 with rounded(name) as value:
                     e = swapped(units[u], name, value)
                     delta = e.embed(ids, mask)[0][real] - h[real]
@@ -243,7 +261,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                                range(0, h.shape[0], b)])
         scale = float(reference[real].pow(2).sum(-1).mean())
         for u in attention:
-            for name in candidates:
+            for name in types_of(candidates, u):
                 with rounded(name) as value:
                     e = swapped(units[u], name, value)
                     out = torch.cat([e.attention_residual(i, h[s:s + b], attn_mask[s:s + b],
@@ -262,7 +280,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                             sampled, error)
             else:
                 for u in ffn_units:
-                    for name in candidates:
+                    for name in types_of(candidates, u):
                         with rounded(name) as value:
                             delta = (swapped(units[u], name, value).mlp(xn, f"blocks.{i}.ffn.mlp")
                                      - ex.mlp(xn, f"blocks.{i}.ffn.mlp"))
@@ -274,7 +292,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
         normed = rms_norm(h[real], ex.w("final_norm"), model.norm_eps)
         ref_logp = torch.log_softmax(ex.linear(normed, "lm_head"), -1)
         for u in head_units:
-            for name in candidates:
+            for name in types_of(candidates, u):
                 with rounded(name) as value:
                     logp = torch.log_softmax(swapped(units[u], name, value).linear(
                         normed, "lm_head"), -1)
@@ -298,7 +316,7 @@ def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale
         paths = units[u]
         if paths[0].startswith(f"{prefix}.shared"):
             base = ex.shared_expert(i, xn)
-            for name in candidates:
+            for name in types_of(candidates, u):
                 with rounded(name) as value:
                     delta = swapped(paths, name, value).shared_expert(i, xn) - base
                 error[u][name] = float(delta.pow(2).sum(-1).mean()) / scale
@@ -309,7 +327,7 @@ def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale
         for e in chosen:
             rows, slot = (idx == e).nonzero(as_tuple=True)
             outputs[e] = (rows, weights[rows, slot, None], ex.mlp(xn[rows], f"{prefix}.experts.{e}"))
-        for name in candidates:
+        for name in types_of(candidates, u):
             delta = torch.zeros_like(xn)
             with rounded(name) as value:
                 e_ex = swapped(paths, name, value)
@@ -359,7 +377,7 @@ def probe_groups(units: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
-                 candidates: list[str], rounded, probe: str, device: str = "cpu",
+                 candidates: Candidates, rounded, probe: str, device: str = "cpu",
                  progress: bool = True, engine=None, held: CalibSet | None = None):
     """Losses in KL units for every (unit, type) in a few passes over the measurement tokens:
     the layer-local errors (`measure_local`), converted to KL by one factor per kind of

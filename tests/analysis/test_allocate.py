@@ -3,7 +3,8 @@ predicted loss that fits, structures measured only when they could win."""
 
 import pytest
 
-from moecompile.analysis.allocate import BudgetError, Structure, choose, choose_structured
+from moecompile.analysis.allocate import (CONTEND_RATIO, BudgetError, Structure, choose,
+                                          choose_structured, settle_end_to_end)
 
 # two groups: "exps" (the stacked experts, whose bytes scale with count x width) and "attn"
 SENS = {"exps": {"f16": 0.0, "q8": 0.001, "q4": 0.02, "q2": 0.3},
@@ -17,14 +18,15 @@ def size_of(s: Structure):
     return lambda g, t: int(units[g] * BYTES[t])
 
 
-def run(budget, losses):
+def run(budget, losses, sens_at=None):
     asked = []
 
     def loss_of(s):
         asked.append(s)
         return losses[s]
     structures = [Structure(n, w) for n in (8, 6, 4) for w in (256, 192, 128)]
-    return choose_structured(structures, FULL, SENS, size_of, lambda s: 0, budget, loss_of), asked
+    return choose_structured(structures, FULL, SENS, size_of, lambda s: 0, budget, loss_of,
+                             sens_at), asked
 
 
 def test_types_alone_when_no_structure_is_cheaper_per_byte():
@@ -58,3 +60,68 @@ def test_nothing_fits_names_the_smallest_size():
         run(10, {})
     # the smallest structure (4 experts, width 128) at the smallest type
     assert err.value.smallest_weights == size_of(Structure(4, 128))("exps", "q2") + 40
+
+
+# width 192 at 760 bytes: measured 0.005, its types (exps q8, attn q8) 0.003; full width's
+# types 0.03; width 128 measured 0.05
+WIDTHS = {Structure(n, w): (0.0 if w == 256 else 0.005 if w == 192 else 0.05) + (8 - n)
+          for n in (8, 6, 4) for w in (256, 192, 128)}
+
+
+def test_a_type_is_priced_at_the_type_its_rows_fall_back_to():
+    """sens_at: where a narrower width's rows hold another type than the one asked, its loss
+    is that type's. Priced as if q4 kept its own damage at width 192, the narrow width
+    loses (0.005 + exps q4 0.02 + attn f16 against exps q4 + attn q8, 0.022); so it does at
+    a worse fallback (q4 held as something costing 0.1), and at a better one (0.001) it
+    wins."""
+    losses = dict(WIDTHS)
+    losses[FULL] = 0.0
+
+    def held(fallback_loss):
+        def sens_at(s):
+            if s.width == 256:
+                return SENS
+            return {**SENS, "exps": {**SENS["exps"], "q4": fallback_loss}}
+        return sens_at
+
+    plain, _ = run(640, losses)
+    worse, _ = run(640, losses, held(0.1))
+    better, _ = run(640, losses, held(0.001))
+    assert plain.structure == FULL and worse.structure == FULL
+    assert better.structure == Structure(8, 192)
+    assert plain.predicted == pytest.approx(0.022)
+    assert better.predicted == pytest.approx(0.005 + 0.001 + 0.0)
+
+
+def test_settling_end_to_end_takes_the_structure_measured_closest():
+    """Predicted, width 192 wins (0.008 against types alone 0.022); measured with their types
+    end to end, types alone are closer, so they are taken. Only structures predicted within
+    CONTEND_RATIO of the best are measured, and each records what it measured."""
+    losses = dict(WIDTHS)
+    losses[FULL] = 0.0
+    choice, _ = run(760, losses)
+    assert choice.structure == Structure(8, 192)
+    e2e = {FULL: 0.01, Structure(8, 192): 0.02}
+    asked = []
+
+    def measure(st, types):
+        asked.append(st)
+        assert types == choice.plans[st][0]
+        return e2e[st]
+    settled = settle_end_to_end(choice, measure)
+    near = {Structure(o["experts"], o["width"]) for o in choice.options if o.get("measured")
+            and o["predicted"] <= CONTEND_RATIO * choice.predicted}
+    assert set(asked) == near == {FULL, Structure(8, 192)}
+    assert settled.structure == FULL and settled.measured == 0.01
+    assert settled.group_types == choice.plans[FULL][0]
+    assert {o["width"]: o["with_types"] for o in settled.options if "with_types" in o} == {
+        256: 0.01, 192: 0.02}
+
+
+def test_a_single_contender_is_taken_unmeasured():
+    losses = {s: 1.0 for s in WIDTHS}
+    choice, _ = run(2000, losses)
+
+    def measure(st, types):
+        raise AssertionError("one contender: nothing to settle")
+    assert settle_end_to_end(choice, measure) is choice

@@ -14,7 +14,7 @@ from moecompile.errors import UserError
 from moecompile.exporters.gguf import offload
 from moecompile.exporters.gguf.memory import compute_bytes, context_bytes, kv_cache_bytes, memory
 from moecompile.exporters.gguf.reader import read_tensors
-from moecompile.exporters.gguf.target import GGUFTarget
+from moecompile.exporters.gguf.target import GGUFTarget, auto_candidates
 from moecompile.exporters.gguf.types import QUANTIZED
 from moecompile.sizes import parse_size
 from moecompile.testing.models import REPO as ROOT
@@ -259,16 +259,25 @@ def test_allow_prune_trades_experts_width_and_types_to_meet_the_budget(tiny_mode
     options = structure["options"]
     assert not any(o["fits"] for o in options if (o["experts"], o["width"]) == (8, 256))
     measured = [o for o in options if o.get("measured")]
-    best = min(measured, key=lambda o: o["predicted"])
+    settled = [o for o in measured if "with_types" in o]
+    best = (min(settled, key=lambda o: o["with_types"]) if settled else
+            min(measured, key=lambda o: o["predicted"]))
     assert (best["experts"], best["width"]) == (structure["experts"], structure["width"])
-
+    # the down projections at widths 224, 192 and 128 fall back from k-quants: the types they
+    # fall back to are measured too, and the narrower widths priced with them
+    assert {"q5_0", "q5_1", "q4_0", "iq4_nl"} <= set(report["quant"]["sensitivity"][
+        "blk.0.ffn_down_exps"])
+    assert "q5_0" not in report["quant"]["sensitivity"]["blk.0.ffn_up_exps"]
+    assert set(report["quant"]["groups"].values()) <= set(auto_candidates(model))
 
 
 def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_model, tmp_path,
                                                                        monkeypatch):
     """A model that streams: the types' sensitivity is layer-local, the pruned and slimmed
-    variants are built by the streaming passes and their KL measured layer-major; the choice
-    fits and verifies."""
+    variants are built by the streaming passes and their KL measured layer-major, and (every
+    measured structure a contender here) each is measured with its types layer-major, its
+    rounded weights from a store of its own; the choice fits and verifies."""
+    from moecompile.analysis import allocate
     from moecompile.exporters.target import TypeRequest
     from moecompile.passes.base import PassContext
     from moecompile.runtime import streaming
@@ -279,6 +288,7 @@ def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_mode
                                          PassContext()).weight_bytes
     budget = context_bytes(model, 128) + int(0.7 * smallest)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(allocate, "CONTEND_RATIO", float("inf"))
     out = tmp_path / "p.gguf"
     assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget", str(budget),
                  "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
@@ -286,7 +296,13 @@ def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_mode
     report = json.loads(out.with_suffix(".report.json").read_text())
     quant = report["quant"]
     assert quant["sensitivity_method"]["method"] == "layer-local"
-    assert (quant["structure"]["experts"], quant["structure"]["width"]) != (8, 256)
+    structure = quant["structure"]
+    assert (structure["experts"], structure["width"]) != (8, 256)
+    settled = [o for o in structure["options"] if "with_types" in o]
+    assert len(settled) >= 2
+    best = min(settled, key=lambda o: o["with_types"])
+    assert (best["experts"], best["width"]) == (structure["experts"], structure["width"])
+    assert structure["measured_with_types"] == best["with_types"] > 0
     assert all(p.get("executor") == "streaming" for p in report["passes"][:-1])
     assert report["memory"]["total_bytes"] <= budget and report["verification"]["passed"]
 
