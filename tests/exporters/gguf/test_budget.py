@@ -271,6 +271,37 @@ def test_allow_prune_trades_experts_width_and_types_to_meet_the_budget(tiny_mode
     assert set(report["quant"]["groups"].values()) <= set(auto_candidates(model))
 
 
+def test_a_narrower_width_is_priced_at_the_types_its_down_rows_fall_back_to(tiny_model):
+    """Rows of 224 do not fill 256-value k-quant blocks: a down projection asked to be Q4_K
+    at width 224 is held as Q5_0, so --allow-prune measures Q5_0 (and the other fallbacks)
+    on the down groups only and prices Q4_K there at Q5_0's loss; at full width, and for
+    gate/up (rows of the hidden size) at any width, each type keeps its own."""
+    from moecompile.analysis.allocate import Structure
+    from moecompile.exporters.gguf import target as gguf_target
+
+    model = frontend.load(tiny_model("mixtral", hidden_size=256, intermediate_size=256))
+    t = GGUFTarget()
+    groups = t.groups(model)
+    full = Structure(8, 256)
+    narrow = Structure(8, 224)
+    extra = gguf_target._fallback_types(groups, [full, narrow], full, auto_candidates(model))
+    assert set(extra) == {g for g in groups if g.endswith("ffn_down_exps")}
+    assert set(extra["blk.0.ffn_down_exps"]) == {"q5_0", "q5_1", "q4_0", "iq4_nl"}
+    types = auto_candidates(model) + extra["blk.0.ffn_down_exps"]
+    sens = {g: {n: float(i + 1) for i, n in enumerate(types if g in extra
+                                                        else auto_candidates(model))}
+            for g in groups}
+    sens_at = gguf_target._priced_at(sens, groups, full, auto_candidates(model))
+    down, up = sens_at(narrow)["blk.0.ffn_down_exps"], sens_at(narrow)["blk.0.ffn_up_exps"]
+    measured = sens["blk.0.ffn_down_exps"]
+    assert down["q4_k"] == measured["q5_0"] and down["q5_k"] == measured["q5_1"]
+    assert down["q3_k"] == down["q2_k"] == measured["q4_0"]
+    assert down["iq4_xs"] == measured["iq4_nl"] and down["q6_k"] == measured["q8_0"]
+    assert set(down) == set(auto_candidates(model))  # asked types only: what the file names
+    assert up == sens["blk.0.ffn_up_exps"]
+    assert sens_at(full) == {g: {n: sens[g][n] for n in auto_candidates(model)} for g in sens}
+
+
 def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_model, tmp_path,
                                                                        monkeypatch):
     """A model that streams: the types' sensitivity is layer-local, the pruned and slimmed
