@@ -260,6 +260,7 @@ class PassVariants(VariantSource):
         self.pruned: dict[int, ir.Model] = {}
         self.built: dict[tuple[int, int], Variant] = {}
         self.judges: dict | None = None  # data set -> KL of a model to the original on it
+        self.statistics: dict = {}  # what every width's slimming pass shares (SlimExperts.memo)
 
     def __call__(self, experts: int, width: int) -> Variant:
         key = (experts, width)
@@ -271,7 +272,8 @@ class PassVariants(VariantSource):
                    for ex in b.ffn.experts):
                 slim = SlimExperts(str(width), self.options.width_method,
                                    self.options.width_refit,
-                                   general_mix=self.options.widths_fit_the_mix)
+                                   general_mix=self.options.widths_fit_the_mix,
+                                   memo=self.statistics)
                 model, _ = PassManager([slim]).run(model, self.ctx)
                 passes_run.append(f"width {width} ({self.options.width_method}, refit "
                                   f"{self.options.width_refit})")

@@ -67,6 +67,7 @@ METHODS = neurons.IMPORTANCES
 REFITS = ("lsq", "none")
 FULL_STATS = 1 << 30  # bytes of F x F statistics collected without a refit, for its report
 REFIT_STATS = 8 << 30  # bytes of F x F statistics the refit may hold (float64, two halves)
+SHARED_STATS = 1 << 30  # bytes of statistics kept in a `memo` for the next width (below)
 
 
 def requested_widths(model: ir.Model, width, shared_width=None) -> dict[str, int]:
@@ -115,13 +116,19 @@ class SlimExperts(Pass):
     ensures = "each slimmed MLP keeps exactly its width; others untouched"
 
     def __init__(self, width=None, method: str = "wanda", refit: str = "lsq",
-                 shared_width=None, general_mix: bool = False):
+                 shared_width=None, general_mix: bool = False, memo: dict | None = None):
+        """`memo`: a dict shared by instances that slim the same model on the same data to
+        different widths (--allow-prune's variants): the neuron statistics and the original's
+        fitness do not depend on the width, so the first instance's pass serves the others
+        (statistics up to SHARED_STATS bytes; the F x F sums of a large refit are not kept
+        between variants)."""
         if method not in METHODS:
             raise UserError(f"unknown width method '{method}'; choose from {', '.join(METHODS)}")
         if refit not in REFITS:
             raise UserError(f"unknown refit '{refit}'; choose from {', '.join(REFITS)}")
         self.width, self.method, self.refit, self.shared_width = width, method, refit, shared_width
         self.general_mix = general_mix
+        self.memo = memo
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         wanted = requested_widths(model, self.width, self.shared_width)
@@ -150,22 +157,15 @@ class SlimExperts(Pass):
         # full second moments for the refit, or (when small) to report the slice's error
         full = self.refit == "lsq" or need <= FULL_STATS
         layer_major = streams(model)
-        original = None
-        if calib is None:
-            stats = {}
-        elif layer_major:  # one layer-major pass: the statistics and the original's fitness
-            observer, original = stream(
-                ctx.engine, model, data, neurons.NeuronObserver(model, data, set(todo), full),
-                StreamingFitness(calib) if data is calib else None,
-                what=("neurons", full, tuple(sorted(todo))),
-                progress="neuron statistics" if ctx.progress else None)
-            stats = observer.result()
-            if data is not calib:  # a fitness scores one kind of data: its own pass
-                _, original = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
-                                     what=("fitness",),
-                                     progress="original's fitness" if ctx.progress else None)
+        key = (id(model), None if data is None else (data.spec, data.n_tokens), full,
+               tuple(sorted(todo)))
+        shared = self.memo.get(key) if self.memo is not None else None
+        if shared is not None and shared[0] is model:  # the model itself: its id not reused
+            stats, original = shared[1:]
         else:
-            stats = neurons.collect(model, data, set(todo), ctx.device, full)
+            stats, original = self._statistics(model, ctx, calib, data, todo, full)
+            if self.memo is not None and (not full or need <= SHARED_STATS):
+                self.memo[key] = (model, stats, original)
         rng = random.Random(f"slim/{ctx.seed}")
         new: dict[str, ir.Expert] = {}
         entries: dict[str, dict] = {}
@@ -213,6 +213,26 @@ class SlimExperts(Pass):
             report["fitness"] = round(FitnessEvaluator(slim, calib, ctx.device).fitness({}), 6)
         report["seconds"] = round(time.monotonic() - t0, 2)
         return PassResult(slim, True, report)
+
+    def _statistics(self, model: ir.Model, ctx: PassContext, calib: CalibSet | None,
+                    data: CalibSet | None, todo: dict[str, int], full: bool):
+        """(prefix -> NeuronStats, the original's StreamingFitness on `calib` or None): at
+        real size one layer-major pass gathers both (two when `data` is not `calib`: a
+        fitness scores one kind of data)."""
+        if calib is None:
+            return {}, None
+        if not streams(model):
+            return neurons.collect(model, data, set(todo), ctx.device, full), None
+        observer, original = stream(
+            ctx.engine, model, data, neurons.NeuronObserver(model, data, set(todo), full),
+            StreamingFitness(calib) if data is calib else None,
+            what=("neurons", full, tuple(sorted(todo))),
+            progress="neuron statistics" if ctx.progress else None)
+        if data is not calib:
+            _, original = stream(ctx.engine, model, calib, None, StreamingFitness(calib),
+                                 what=("fitness",),
+                                 progress="original's fitness" if ctx.progress else None)
+        return observer.result(), original
 
     def _statistics_data(self, model: ir.Model, calib: CalibSet | None) -> CalibSet | None:
         """What the importances and the refit are computed on: the calibration set, and with

@@ -365,3 +365,41 @@ def test_a_refit_whose_statistics_do_not_fit_exits_2_naming_the_alternative(
     entry = report["passes"][0]
     assert entry["executor"] == "streaming" and entry["refit"] == "none"
     assert report["verification"]["passed"]
+
+
+@pytest.mark.parametrize("layer_major", [False, True])
+def test_widths_slimmed_with_one_memo_share_one_statistics_pass(tiny_model, calib_of,
+                                                                monkeypatch, layer_major):
+    """--allow-prune slims the same model to several widths: with one `memo` the neuron
+    statistics (and at real size the original's fitness, a pass of its own with the general
+    mix) are gathered once, and every width comes out as it does alone."""
+    from moecompile.runtime import streaming
+
+    if layer_major:
+        monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    model = frontend.load(tiny_model("mixtral"))
+    calib = calib_of(model)
+    widths = ("0.75", "0.5")
+    alone = {w: apply(SlimExperts(w, general_mix=True), model, calib) for w in widths}
+    calls = []
+    gather = SlimExperts._statistics
+
+    def counted(self, *args):
+        calls.append(args[0])
+        return gather(self, *args)
+
+    monkeypatch.setattr(SlimExperts, "_statistics", counted)
+    memo: dict = {}
+    shared = {w: apply(SlimExperts(w, general_mix=True, memo=memo), model, calib)
+              for w in widths}
+    assert calls == [model]
+    for w in widths:
+        (a, report_a), (b, report_b) = alone[w], shared[w]
+        assert {k: v for k, v in report_a.items() if k != "seconds"} == {
+            k: v for k, v in report_b.items() if k != "seconds"}
+        for x, y in zip(a.blocks, b.blocks):
+            for ex_a, ex_b in zip(x.ffn.experts, y.ffn.experts):
+                for part in ("gate", "up", "down"):
+                    assert torch.equal(getattr(ex_a, part).value(), getattr(ex_b, part).value())
+    if layer_major:
+        assert alone["0.5"][1]["executor"] == "streaming"
