@@ -155,14 +155,14 @@ class GGUFTarget(Target):
             if request.budget is None:
                 raise UserError("--quant auto needs --budget SIZE (the memory it fits)")
             # at real size the weights rounded while choosing are kept for the file
-            store = RoundedStore() if variants is None and streams(model) else None
+            store = _new_store(model) if variants is None else None
             try:
                 if variants is None:
                     by_tensor, importance, quant, auto_lines = self._auto(model, request, n_ctx,
                                                                           ctx, store)
                 else:
-                    model, by_tensor, importance, quant, auto_lines = self._auto_structured(
-                        model, request, n_ctx, ctx, variants)
+                    model, by_tensor, importance, quant, auto_lines, store = (
+                        self._auto_structured(model, request, n_ctx, ctx, variants))
                 plan = self._typed_plan(model, request, n_ctx, ctx, "auto", by_tensor,
                                         importance)
             except BaseException:
@@ -314,7 +314,9 @@ class GGUFTarget(Target):
         llama.cpp holds them) by measured loss per byte. Type sensitivities are measured once
         on the model; each structure's own loss is measured on the variant the job builds, only
         for structures that fit and could beat the best found (allocate.choose_structured).
-        Sizes of a structure are predicted from shapes, so nothing is built to be refused."""
+        Sizes of a structure are predicted from shapes, so nothing is built to be refused.
+        Returns (the chosen model, types by tensor, its importance, the report's entry, the
+        lines to print, the store holding its rounded weights for the file, or None)."""
         fixed = memory.context_bytes(model, n_ctx)
         groups = self.groups(model)
         planned = self.planned(model)
@@ -343,37 +345,45 @@ class GGUFTarget(Target):
         calib = ctx.calibration(model, "--quant auto")
         importance = self.importance(model, ctx)
         units = group_units(groups)
-        fallbacks = _fallback_types(groups, structures, full, auto_candidates(model))
-        candidates = {g: auto_candidates(model) + fallbacks.get(g, []) for g in units}
+        asked = auto_candidates(model)
+        fallbacks = _fallback_types(groups, structures, full, asked)
+        candidates = {g: asked + fallbacks.get(g, []) for g in units}
         built: dict[Structure, object] = {}
 
         def loss_of(st: Structure) -> float:
             built[st] = variants(st.experts, st.width)
             return built[st].loss
 
-        with _rounded_store(model) as store:
+        stores = {full: _new_store(model)}  # structure -> its rounded weights (real size)
+        try:
+            store = stores[full]
             held = held_out(model, calib) if self._is_local(model, request) else None
             sens, local, info, _ = self._type_sensitivity(model, calib, units, importance,
                                                           request, ctx, store, held, candidates)
             choice = allocate.choose_structured(structures, full, sens, size_of, fixed_of,
                                                 request.budget - fixed, loss_of,
-                                                _priced_at(sens, groups, full,
-                                                           auto_candidates(model)))
+                                                _priced_at(sens, groups, full, asked))
             importances = {full: importance}
 
             def with_types(st: Structure, types: dict[str, str]) -> float:
                 """The original's rounded weights are in the sensitivity's store already; a
-                variant (other values under the same paths) gets a store of its own, and
-                its importance matrix, kept for the writer should it win."""
-                if st == full:
-                    return self._with_types(model, types, importance[0], store, variants.judge)
-                m = built[st].model
-                importances[st] = importances.get(st) or self.importance(m, ctx)
-                with _rounded_store(m) as own:
-                    return self._with_types(m, types, importances[st][0], own, variants.judge)
+                variant (other values under the same paths) gets a store and an importance
+                matrix of its own, both kept for the writer should it win."""
+                m = model if st == full else built[st].model
+                if st not in importances:
+                    importances[st] = self.importance(m, ctx)
+                if st not in stores:
+                    stores[st] = _new_store(m)
+                return self._with_types(m, types, importances[st][0], stores[st],
+                                        variants.judge)
 
             choice = allocate.settle_end_to_end(choice, with_types)
             short, not_kept = _shortfall(store)
+        except BaseException:
+            _close(stores.values())
+            raise
+        kept = stores.pop(choice.structure, None)  # the winner's bytes: the file copies them
+        _close(stores.values())
         if choice.structure != full:
             model = built[choice.structure].model
             importance = importances.get(choice.structure) or self.importance(model, ctx)
@@ -414,7 +424,7 @@ class GGUFTarget(Target):
                                "options": choice.options}}
         if not_kept:
             quant["rounded_not_kept"] = not_kept
-        return model, by_tensor, importance, quant, lines
+        return model, by_tensor, importance, quant, lines, kept
 
     def _with_types(self, model: ir.Model, types: dict[str, str], importance: dict, store,
                     judge: Callable) -> float:
@@ -669,14 +679,16 @@ def _shortfall(store) -> tuple[str | None, int | None]:
     return short, store.not_kept if short else None
 
 
-@contextmanager
-def _rounded_store(model: ir.Model):
+def _new_store(model: ir.Model) -> RoundedStore | None:
     """A store of rounded weights for a model that streams (real size: where the same weights
-    are quantized again for every mix measured end to end), else None; emptied at the end."""
-    store = RoundedStore() if streams(model) else None
-    try:
-        yield store
-    finally:
+    are quantized again for every mix measured end to end, and once more for the file), else
+    None."""
+    return RoundedStore() if streams(model) else None
+
+
+def _close(stores) -> None:
+    """Empty every store of `stores` (None: none was made)."""
+    for store in stores:
         if store is not None:
             store.close()
 

@@ -125,3 +125,50 @@ def test_quant_auto_says_when_the_disk_kept_no_rounded_weight(tiny_model, tmp_pa
     assert "not kept beside" in said.out + said.err
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["quant"]["rounded_not_kept"] > 0 and report["verification"]["passed"]
+
+
+def test_allow_prune_writes_the_winners_rounded_weights_as_measured(tiny_model, tmp_path,
+                                                                    monkeypatch):
+    """--allow-prune at real size (streaming forced, every measured structure settled end to
+    end): the file copies the rounded weights the winning structure was measured with, and
+    is byte for byte the file written when the store keeps nothing (quantized again)."""
+    from moecompile import frontend
+    from moecompile.analysis import allocate
+    from moecompile.cli import main
+    from moecompile.exporters.gguf import rounded, writer
+    from moecompile.exporters.gguf.memory import context_bytes
+    from moecompile.exporters.gguf.target import GGUFTarget
+    from moecompile.exporters.target import TypeRequest
+    from moecompile.passes.base import PassContext
+    from moecompile.runtime import streaming
+
+    monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
+    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
+    model = frontend.load(folder)
+    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
+                                         PassContext()).weight_bytes
+    budget = context_bytes(model, 128) + int(0.7 * smallest)
+    monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(allocate, "CONTEND_RATIO", float("inf"))
+    kept = []
+    export = writer.export
+
+    def spied(*args, rounded=None, **kw):
+        kept.append(0 if rounded is None else rounded.kept_bytes)
+        return export(*args, rounded=rounded, **kw)
+
+    monkeypatch.setattr(writer, "export", spied)
+    files = []
+    for keep_free in (None, 1 << 62):
+        if keep_free is not None:
+            monkeypatch.setattr(rounded, "KEEP_FREE", keep_free)
+        out = tmp_path / f"m{len(files)}.gguf"
+        assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget", str(budget),
+                     "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
+                     "--no-verify", "--allow-prune", "--prune-method", "frequency"]) == 0
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        assert report["quant"]["structure"]["width"] < 256 or \
+            report["quant"]["structure"]["experts"] < 8
+        files.append(out.read_bytes())
+    assert kept[0] > 0 and kept[1] == 0
+    assert files[0] == files[1]
