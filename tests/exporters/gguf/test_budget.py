@@ -228,19 +228,13 @@ def test_quant_auto_is_at_least_as_good_as_the_uniform_type_of_its_size(tmp_path
     assert pair["low"] > -ACCURACY_MARGIN, pair
 
 
-def test_allow_prune_trades_experts_width_and_types_to_meet_the_budget(tiny_model, tmp_path,
-                                                                        capsys):
+def test_allow_prune_trades_experts_width_and_types_to_meet_the_budget(smallest_budget,
+                                                                        tmp_path, capsys):
     """A budget types alone cannot meet: refused with the expert count that would fit; with
     --allow-prune the budget takes fewer or narrower experts (whichever measured cheaper),
     recorded in the report, and the file fits and verifies."""
-    from moecompile.exporters.target import TypeRequest
-    from moecompile.passes.base import PassContext
 
-    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
-    model = frontend.load(folder)
-    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
-                                         PassContext()).weight_bytes
-    budget = context_bytes(model, 128) + int(0.7 * smallest)
+    folder, model, budget = smallest_budget(0.7)
     argv = [str(folder), "-o", str(tmp_path / "p.gguf"), "--quant", "auto", "--budget",
             str(budget), "--ctx", "128", "--calib", "add,rev", "--calib-n", "3", "--quiet",
             "--no-verify"]
@@ -302,22 +296,16 @@ def test_a_narrower_width_is_priced_at_the_types_its_down_rows_fall_back_to(tiny
     assert sens_at(full) == {g: {n: sens[g][n] for n in auto_candidates(model)} for g in sens}
 
 
-def test_allow_prune_at_real_size_measures_every_structure_layer_major(tiny_model, tmp_path,
-                                                                       monkeypatch):
+def test_allow_prune_at_real_size_measures_every_structure_layer_major(smallest_budget,
+                                                                       tmp_path, monkeypatch):
     """A model that streams: the types' sensitivity is layer-local, the pruned and slimmed
     variants are built by the streaming passes and their KL measured layer-major, and (every
     measured structure a contender here) each is measured with its types layer-major, its
     rounded weights from a store of its own; the choice fits and verifies."""
     from moecompile.analysis import allocate
-    from moecompile.exporters.target import TypeRequest
-    from moecompile.passes.base import PassContext
     from moecompile.runtime import streaming
 
-    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
-    model = frontend.load(folder)
-    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
-                                         PassContext()).weight_bytes
-    budget = context_bytes(model, 128) + int(0.7 * smallest)
+    folder, model, budget = smallest_budget(0.7)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
     monkeypatch.setattr(allocate, "CONTEND_RATIO", float("inf"))
     out = tmp_path / "p.gguf"

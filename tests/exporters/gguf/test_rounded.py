@@ -95,26 +95,17 @@ def test_the_file_copies_kept_bytes_in_its_own_row_order(tiny_model, tmp_path, m
 
 
 @pytest.mark.parametrize("allow_prune", [False, True])
-def test_quant_auto_says_when_the_disk_kept_no_rounded_weight(tiny_model, tmp_path,
+def test_quant_auto_says_when_the_disk_kept_no_rounded_weight(smallest_budget, tmp_path,
                                                              monkeypatch, capsys, allow_prune):
     """--quant auto at real size (streaming forced), with and without --allow-prune, on a disk
     without the room the store leaves free: the file is still written and verifies, and the
     output and the report say how many rounded weights were quantized again."""
-    from moecompile import frontend
     from moecompile.cli import main
     from moecompile.exporters.gguf import rounded
-    from moecompile.exporters.gguf.memory import context_bytes
-    from moecompile.exporters.gguf.target import GGUFTarget
-    from moecompile.exporters.target import TypeRequest
-    from moecompile.passes.base import PassContext
     from moecompile.runtime import streaming
 
     monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
-    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
-    model = frontend.load(folder)
-    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
-                                         PassContext()).weight_bytes
-    budget = context_bytes(model, 128) + int((0.7 if allow_prune else 1.5) * smallest)
+    folder, model, budget = smallest_budget(0.7 if allow_prune else 1.5)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
     monkeypatch.setattr(rounded, "KEEP_FREE", 1 << 62)
     out = tmp_path / "m.gguf"
@@ -127,27 +118,18 @@ def test_quant_auto_says_when_the_disk_kept_no_rounded_weight(tiny_model, tmp_pa
     assert report["quant"]["rounded_not_kept"] > 0 and report["verification"]["passed"]
 
 
-def test_allow_prune_writes_the_winners_rounded_weights_as_measured(tiny_model, tmp_path,
-                                                                    monkeypatch):
+def test_allow_prune_writes_the_winners_rounded_weights_as_measured(smallest_budget,
+                                                                    tmp_path, monkeypatch):
     """--allow-prune at real size (streaming forced, every measured structure settled end to
     end): the file copies the rounded weights the winning structure was measured with, and
     is byte for byte the file written when the store keeps nothing (quantized again)."""
-    from moecompile import frontend
     from moecompile.analysis import allocate
     from moecompile.cli import main
     from moecompile.exporters.gguf import rounded, writer
-    from moecompile.exporters.gguf.memory import context_bytes
-    from moecompile.exporters.gguf.target import GGUFTarget
-    from moecompile.exporters.target import TypeRequest
-    from moecompile.passes.base import PassContext
     from moecompile.runtime import streaming
 
     monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
-    folder = tiny_model("mixtral", hidden_size=256, intermediate_size=256)
-    model = frontend.load(folder)
-    smallest = GGUFTarget().choose_types(model, TypeRequest(quant="q2_k"),
-                                         PassContext()).weight_bytes
-    budget = context_bytes(model, 128) + int(0.7 * smallest)
+    folder, model, budget = smallest_budget(0.7)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
     monkeypatch.setattr(allocate, "CONTEND_RATIO", float("inf"))
     kept = []
