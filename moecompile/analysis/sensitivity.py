@@ -413,11 +413,12 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
         check_ids = torch.cat([ids, _widened(held.ids[more], width)])
         check_mask = torch.cat([mask, _widened(held.mask[more], width)])
     reference = StreamingKL()
-    StreamingExecutor(model, device).run(check_ids, check_mask, reference.consume)
+    StreamingExecutor(model, device, progress="reference, end to end" if progress else None).run(
+        check_ids, check_mask, reference.consume)
     groups = probe_groups(units)
     # one probe per group: its units at `probe` at once, a whole pass each
     measured = engine.map(_probe_group, (model, ids, mask, reference, units, groups, rounded,
-                                         probe), list(groups))
+                                         probe, progress), list(groups))
     alpha, probes = {}, dict(zip(groups, measured))
     for group, members in groups.items():
         predicted = sum(local["error"][u][probe] for u in members)
@@ -431,7 +432,7 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
 
     def check(paths: set[str], value) -> float:
         return streaming_kl(model, check_ids, check_mask, reference, Replaced(paths, value),
-                            device)
+                            device, "mix, end to end" if progress else None)
 
     return losses, info, check
 
@@ -449,7 +450,8 @@ def _local_units(shared, names: list[str], device: str) -> dict:
 
 def _probe_group(shared, group: str, device: str) -> float:
     """The end-to-end KL with every unit of `group` (probe_groups) at the probe type."""
-    model, ids, mask, reference, units, groups, rounded, probe = shared
+    model, ids, mask, reference, units, groups, rounded, probe, progress = shared
     with rounded(probe) as value:
         return streaming_kl(model, ids, mask, reference,
-                            Replaced({p for u in groups[group] for p in units[u]}, value), device)
+                            Replaced({p for u in groups[group] for p in units[u]}, value), device,
+                            f"probe: {group} at {probe}" if progress else None)
