@@ -305,7 +305,7 @@ def test_allow_prune_at_real_size_measures_every_structure_layer_major(smallest_
     from moecompile.analysis import allocate
     from moecompile.runtime import streaming
 
-    folder, model, budget = smallest_budget(0.7)
+    folder, _, budget = smallest_budget(0.7)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
     monkeypatch.setattr(allocate, "CONTEND_RATIO", float("inf"))
     out = tmp_path / "p.gguf"

@@ -105,7 +105,7 @@ def test_quant_auto_says_when_the_disk_kept_no_rounded_weight(smallest_budget, t
     from moecompile.runtime import streaming
 
     monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
-    folder, model, budget = smallest_budget(0.7 if allow_prune else 1.5)
+    folder, _, budget = smallest_budget(0.7 if allow_prune else 1.5)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
     monkeypatch.setattr(rounded, "KEEP_FREE", 1 << 62)
     out = tmp_path / "m.gguf"
@@ -129,7 +129,7 @@ def test_allow_prune_writes_the_winners_rounded_weights_as_measured(smallest_bud
     from moecompile.runtime import streaming
 
     monkeypatch.setenv("MOECOMPILE_RESUME_DIR", str(tmp_path / "resume"))
-    folder, model, budget = smallest_budget(0.7)
+    folder, _, budget = smallest_budget(0.7)
     monkeypatch.setattr(streaming, "STREAM_ABOVE", 0)
     monkeypatch.setattr(allocate, "CONTEND_RATIO", float("inf"))
     kept = []
