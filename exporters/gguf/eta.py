@@ -2,8 +2,8 @@
 sensitivity starts.
 
 At real size that time is spent quantizing: the layer-local sensitivity rounds every
-candidate type of a sample of each layer, its probes and the mixes it measures end to end
-round most of the model again (ggml's k-quants with an importance matrix: 10-20 M values/s on
+candidate type of a sample of each layer, and the mixes it measures end to end round most of
+the model again (ggml's k-quants with an importance matrix: 10-20 M values/s on
 two cores; OLMoE-1B-7B holds 6.9 G). The rest is passes over the calibration tokens, whose
 cost the importance matrix's pass has just measured, and the verification. So the estimate
 counts the values each stage rounds, at rates measured on one of the model's own weights per
@@ -11,9 +11,9 @@ type, plus its passes at the importance pass's rate per token:
 
 - sensitivity: each candidate type of every attention, dense-MLP, embedding and head unit,
   and of `SAMPLED_EXPERTS` experts of each stacked expert group, plus one pass;
-- probes: the experts not sampled, at the probe type (the rest was rounded to it already and
-  is kept, rounded.py), and one pass per group of units (a kind of sub-layer in a depth
-  band, sensitivity.probe_groups) and one for the reference;
+- probes: one pass per group of units (a kind of sub-layer in a depth band,
+  sensitivity.probe_groups) and one for the reference; they round nothing new (a probe puts
+  only the sampled experts at the probe type, rounded and kept already, rounded.py);
 - mixes: which mixes are measured is known only once the sensitivity is; each rounds only
   what no earlier stage kept, so the estimate takes the experts not sampled rounded once at
   the type whose uniform file fits the budget, and one pass for each of three mixes (measured
@@ -56,7 +56,7 @@ def quantize_rates(sample: torch.Tensor, imatrix: np.ndarray | None,
 
 
 def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str, float],
-             probe: str, fit: str, pass_seconds: float, calib_tokens: int,
+             fit: str, pass_seconds: float, calib_tokens: int,
              held_tokens: int = 0) -> dict[str, float]:
     """Seconds of each stage (see the module's docstring). `units`: the IR paths of each unit
     (one path per expert in a stacked expert unit); `numel`: values per IR path; `rates`:
@@ -76,7 +76,7 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
             unsampled += (1 - share) * values
         else:
             sensitivity += values * every_type
-    probes = unsampled * rates[probe] + one_pass * len(probe_groups(units)) + checked
+    probes = one_pass * len(probe_groups(units)) + checked
     mixes = MIX_ROUNDINGS * unsampled * rates[fit] + MIXES * checked
     verification = VERIFY_PASSES * pass_seconds
     return {"sensitivity": sensitivity, "probes": probes, "mixes": mixes,

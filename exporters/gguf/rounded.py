@@ -1,8 +1,8 @@
 """Each weight quantized once per command: the bytes of (IR path, type) kept on disk.
 
 `--budget` at real size rounds the same weights to the same types many times: the layer-local
-sensitivity rounds sampled experts at every candidate type, one probe rounds every expert at
-the probe type, and each mix measured end to end rounds the whole model again, mostly to the
+sensitivity rounds sampled experts at every candidate type, its probes round them again at the
+probe type, and each mix measured end to end rounds the whole model again, mostly to the
 types the other mixes gave it. Quantizing is the expensive part (Q4_K with an importance
 matrix: ~9 M values/s a core, 6.9 B values in OLMoE-1B-7B), dequantizing is not (~1 G values/s),
 so a weight's bytes are kept the first time and dequantized on every later use; the file

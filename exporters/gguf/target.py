@@ -477,8 +477,8 @@ class GGUFTarget(Target):
                 <= weight_budget]
         numel = {p: part.numel for ts in groups.values() for t in ts
                  for p, part in zip(t.paths, t.parts)}
-        stages = eta.estimate(units, numel, rates, LOCAL_PROBE, fits[0] if fits else
-                              CANDIDATES[-1], pass_seconds, calib_tokens, held_tokens)
+        stages = eta.estimate(units, numel, rates, fits[0] if fits else CANDIDATES[-1],
+                              pass_seconds, calib_tokens, held_tokens)
         total = sum(stages.values())
         if progress:
             tqdm.write(f"--quant auto at this size: about {_minutes(total)} from here ("

@@ -216,11 +216,13 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     resident, each unit of block i takes each type and only the sub-layer it belongs to is
     recomputed on the block's cached input (ExLlamaV2's measurement; scale.md §6.7 tier 1).
     The error is the mean squared change the sub-layer makes to the residual stream, relative
-    to the mean square of the stream it writes (after the sub-layer). A stacked expert group is measured on `sampled` of
-    its experts (the most used) and scaled to all of them. The output head's change is
-    measured directly as the KL it causes. `only`: the units to measure (default: all; the
-    pass runs whole either way). Returns {"error": unit -> type -> error, "head": units
-    measured as KL, "tokens": n, "rows": the calibration rows}."""
+    to the mean square of the stream it writes (after the sub-layer). A stacked expert group
+    is measured on `sampled` of its experts (the most used) and scaled to all of them by their
+    share of the routed tokens. The output head's change is measured directly as the KL it causes. `only`: the
+    units to measure (default: all; the pass runs whole either way). Returns {"error": unit ->
+    type -> error, "head": units measured as KL, "sampled": stacked expert unit -> (the paths
+    of its measured experts, the factor their error was scaled by), "tokens": n, "rows": the
+    calibration rows}."""
     from moecompile.runtime.streaming import StreamingExecutor
 
     rows = spread_rows(calib, tokens)
@@ -235,6 +237,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
         if block is not None:
             per_block.setdefault(block, []).append(u)
     error: dict[str, dict[str, float]] = {u: {} for u in measured}
+    sampled_paths: dict[str, tuple[list[str], float]] = {}
     head_units = [u for u in measured if units[u] == ["lm_head"]]
     bar = tqdm(total=len(model.blocks) + 2, desc="layer-local sensitivity", disable=not progress)
 
@@ -277,7 +280,7 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
             ffn_units = [u for u in mine if u not in attention]
             if isinstance(block.ffn, ir.MoE):
                 _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale,
-                            sampled, error)
+                            sampled, error, sampled_paths)
             else:
                 for u in ffn_units:
                     for name in types_of(candidates, u):
@@ -300,13 +303,15 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
                                                 .mean()))
     bar.update(1)
     bar.close()
-    return {"error": error, "head": head_units, "tokens": int(real.sum()), "rows": rows}
+    return {"error": error, "head": head_units, "sampled": sampled_paths,
+            "tokens": int(real.sum()), "rows": rows}
 
 
 def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale, sampled,
-                error) -> None:
+                error, sampled_paths) -> None:
     """Errors of block i's MoE units: each unit's change of the routed output (and of the
-    shared expert's), on the tokens each measured expert is routed."""
+    shared expert's), on the tokens each measured expert is routed; a stacked unit's measured
+    experts (their paths) and scale factor go to `sampled_paths`."""
     moe = ex.model.blocks[i].ffn
     logits = ex.router_logits(i, xn)
     idx, weights = route(moe, logits, ex.router_map(i))
@@ -327,6 +332,8 @@ def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale
         for e in chosen:
             rows, slot = (idx == e).nonzero(as_tuple=True)
             outputs[e] = (rows, weights[rows, slot, None], ex.mlp(xn[rows], f"{prefix}.experts.{e}"))
+        share = sum(int(usage[e]) for e in experts) / max(1, sum(int(usage[e]) for e in chosen))
+        sampled_paths[u] = ([p for p in paths if int(p.split(".")[4]) in chosen], share)
         for name in types_of(candidates, u):
             delta = torch.zeros_like(xn)
             with rounded(name) as value:
@@ -335,7 +342,6 @@ def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale
                     rows, w, base = outputs[e]
                     delta.index_add_(0, rows, w * (e_ex.mlp(xn[rows], f"{prefix}.experts.{e}")
                                                    - base))
-            share = sum(int(usage[e]) for e in experts) / max(1, sum(int(usage[e]) for e in chosen))
             error[u][name] = share * float(delta.pow(2).sum(-1).mean()) / scale
 
 
@@ -402,7 +408,8 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     heads = {u for part in parts for u in part["head"]}
     local = {"error": _joined(units, [part["error"] for part in parts]),
              "head": [u for u in units if u in heads], "tokens": parts[0]["tokens"],
-             "rows": parts[0]["rows"]}
+             "rows": parts[0]["rows"],
+             "sampled": {u: s for part in parts for u, s in part["sampled"].items()}}
     rows = local["rows"]
     ids, mask = calib.ids[rows], calib.mask[rows]
     check_ids, check_mask = ids, mask
@@ -416,12 +423,18 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     StreamingExecutor(model, device, progress="reference, end to end" if progress else None).run(
         check_ids, check_mask, reference.consume)
     groups = probe_groups(units)
-    # one probe per group: its units at `probe` at once, a whole pass each
-    measured = engine.map(_probe_group, (model, ids, mask, reference, units, groups, rounded,
-                                         probe, progress), list(groups))
+    # one probe per group: its units at `probe` at once, a whole pass each; a stacked expert
+    # unit only with the experts its error was measured on (already rounded to every type)
+    # and fitted against their error before scaling: rounding the other experts of OLMoE's
+    # 16 layers to the probe type took about 400 s
+    sampled = local["sampled"]
+    probed = {group: sorted({p for u in members for p in sampled.get(u, (units[u],))[0]})
+              for group, members in groups.items()}
+    measured = engine.map(_probe_group, (model, ids, mask, reference, probed, rounded, probe,
+                                         progress), list(groups))
     alpha, probes = {}, dict(zip(groups, measured))
     for group, members in groups.items():
-        predicted = sum(local["error"][u][probe] for u in members)
+        predicted = sum(_as_probed(local, u, probe) for u in members)
         alpha[group] = probes[group] / predicted if predicted > 0 else 0.0
     factor = {u: alpha[group] for group, members in groups.items() for u in members}
     losses = {u: {t: (e if u in local["head"] else factor[u] * e)
@@ -437,6 +450,13 @@ def local_losses(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     return losses, info, check
 
 
+def _as_probed(local: dict, unit: str, probe: str) -> float:
+    """`unit`'s layer-local error at the probe type as its probe rounds it: a stacked expert
+    unit's before it was scaled from its measured experts to all of them."""
+    factor = local["sampled"].get(unit, (None, 1.0))[1]
+    return local["error"][unit][probe] / factor if factor > 0 else 0.0
+
+
 def _widened(x: torch.Tensor, width: int) -> torch.Tensor:
     """(B, T) right-padded with zeros to (B, width): token ids and masks of one batch."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
@@ -449,9 +469,8 @@ def _local_units(shared, names: list[str], device: str) -> dict:
 
 
 def _probe_group(shared, group: str, device: str) -> float:
-    """The end-to-end KL with every unit of `group` (probe_groups) at the probe type."""
-    model, ids, mask, reference, units, groups, rounded, probe, progress = shared
+    """The end-to-end KL with the probed weights of `group` (probe_groups) at the probe type."""
+    model, ids, mask, reference, probed, rounded, probe, progress = shared
     with rounded(probe) as value:
-        return streaming_kl(model, ids, mask, reference,
-                            Replaced({p for u in groups[group] for p in units[u]}, value), device,
-                            f"probe: {group} at {probe}" if progress else None)
+        return streaming_kl(model, ids, mask, reference, Replaced(set(probed[group]), value),
+                            device, f"probe: {group} at {probe}" if progress else None)

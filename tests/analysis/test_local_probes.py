@@ -1,0 +1,68 @@
+"""The layer-local sensitivity's probes on a model with more experts per layer than it samples:
+a probe rounds only what the sensitivity rounded already (at real size rounding the other
+experts to the probe type took about 400 s of a 40-minute `--budget`), and its KL-per-error
+factor is fitted against the error of exactly what it rounded."""
+
+import pytest
+
+from moecompile import frontend
+from moecompile.analysis import sensitivity
+from moecompile.analysis.calibration import build_calib, spread_rows
+from moecompile.exporters.gguf.rounded import RoundedStore
+from moecompile.exporters.gguf.target import GGUFTarget, group_units
+from moecompile.runtime.streaming import StreamingExecutor
+
+TYPES = ["q8_0", "q4_k"]
+PROBE = "q4_k"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    experts = 2 * sensitivity.SAMPLED_EXPERTS
+    model = frontend.load(tiny_model("mixtral", hidden_size=256, intermediate_size=64,
+                                     num_local_experts=experts))
+    units = group_units(GGUFTarget().groups(model))
+    calib = build_calib(model, "add,sort", 4)
+    return model, units, calib
+
+
+def test_probes_round_nothing_the_sensitivity_did_not(setup):
+    model, units, calib = setup
+    alone, both = RoundedStore(), RoundedStore()
+    try:
+        local = sensitivity.measure_local(model, calib, units, TYPES,
+                                          GGUFTarget()._rounding(model, None, alone),
+                                          progress=False)
+        sensitivity.local_losses(model, calib, units, TYPES,
+                                 GGUFTarget()._rounding(model, None, both), PROBE,
+                                 progress=False)
+        assert both.misses == alone.misses > 0 and both.hits > alone.hits
+    finally:
+        alone.close()
+        both.close()
+    stacked = [u for u in units if sensitivity.unit_kind(units[u]) == "experts"]
+    assert stacked and set(local["sampled"]) == set(stacked)
+    for u in stacked:
+        paths, factor = local["sampled"][u]
+        assert len(paths) == sensitivity.SAMPLED_EXPERTS < len(units[u]) and factor > 1
+
+
+def test_each_factor_is_its_probes_kl_over_the_error_of_what_it_rounded(setup):
+    model, units, calib = setup
+    rounding = GGUFTarget()._rounding(model, None)
+    local = sensitivity.measure_local(model, calib, units, TYPES, rounding, progress=False)
+    _, info, _ = sensitivity.local_losses(model, calib, units, TYPES, rounding, PROBE,
+                                          progress=False)
+    rows = spread_rows(calib, sensitivity.LOCAL_TOKENS)
+    ids, mask = calib.ids[rows], calib.mask[rows]
+    reference = sensitivity.StreamingKL()
+    StreamingExecutor(model).run(ids, mask, reference.consume)
+    group = next(g for g in info["probe_kl"] if g.startswith("experts"))
+    members = sensitivity.probe_groups(units)[group]
+    probed = {p for u in members for p in local["sampled"][u][0]}
+    with rounding(PROBE) as value:
+        kl = sensitivity.streaming_kl(model, ids, mask, reference,
+                                      sensitivity.Replaced(probed, value))
+    assert info["probe_kl"][group] == pytest.approx(kl, rel=1e-4) and kl > 0
+    error = sum(local["error"][u][PROBE] / local["sampled"][u][1] for u in members)
+    assert info["kl_per_error"][group] == pytest.approx(kl / error, rel=1e-4)
