@@ -10,7 +10,8 @@ counts the values each stage rounds, at rates measured on one of the model's own
 type, plus its passes at the importance pass's rate per token:
 
 - sensitivity: each candidate type of every attention, dense-MLP, embedding and head unit,
-  and of `SAMPLED_EXPERTS` experts of each stacked expert group, plus one pass;
+  and of the sampled experts of each stacked expert group (sensitivity.sampled_count), plus
+  one pass;
 - probes: one pass per group of units (a kind of sub-layer in a depth band,
   sensitivity.probe_groups) and one for the reference; they round nothing new (a probe puts
   only the sampled experts at the probe type, rounded and kept already, rounded.py);
@@ -30,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from moecompile.analysis.sensitivity import (LOCAL_TOKENS, SAMPLED_EXPERTS, probe_groups,
+from moecompile.analysis.sensitivity import (LOCAL_TOKENS, probe_groups, sampled_count,
                                              unit_kind)
 
 from . import ggml
@@ -71,7 +72,7 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
     for paths in units.values():
         values = sum(numel[p] for p in paths)
         if unit_kind(paths) == "experts":
-            share = min(SAMPLED_EXPERTS, len(paths)) / len(paths)
+            share = sampled_count(len(paths), numel[paths[0]]) / len(paths)
             sensitivity += share * values * every_type
             unsampled += (1 - share) * values
         else:

@@ -147,12 +147,25 @@ def _measure_units(shared, names: list[str], device: str) -> dict[str, dict[str,
 
 LOCAL_TOKENS = 1024  # calibration tokens the layer-local errors are measured on
 SAMPLED_EXPERTS = 8  # experts of a stacked group whose rounding is measured (the rest inferred)
+# ... at most, and no more values than this per group unless that leaves under MIN_SAMPLED:
+# rounding 8 experts of each OLMoE-1B-7B group at every candidate type was ~20 s of the ~41 s
+# each of its blocks took (4 per group: 17 min of the 16-layer --budget 5GB became ...); on
+# the bundled model 4 of its 8 experts chose the same types as all 8 at 14, 17 and 20 MB
+SAMPLED_VALUES = 1 << 23
+MIN_SAMPLED = 2
 TOP_K = 1024  # reference log-probabilities kept per token for the end-to-end KL
 # depth bands of the blocks, each kind of sub-layer fitted by a probe per band: what an error
 # costs in KL depends on its depth (bundled model, each unit measured end to end against one
 # factor per kind: the last block's down projections 25-50x below it, the first's experts up
 # to 8x above, later attention 2-5x above)
 PROBE_BANDS = 2
+
+
+def sampled_count(n_experts: int, expert_values: int, most: int = SAMPLED_EXPERTS) -> int:
+    """How many of a stacked group's `n_experts` experts (`expert_values` values each) the
+    layer-local sensitivity measures: `most`, fewer where they would hold more than
+    SAMPLED_VALUES values (OLMoE-1B-7B: 4, Qwen3-30B-A3B: 5, Mixtral-8x7B: 2)."""
+    return min(n_experts, most, max(MIN_SAMPLED, SAMPLED_VALUES // max(expert_values, 1)))
 
 
 def topk_kl(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -217,8 +230,8 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     recomputed on the block's cached input (ExLlamaV2's measurement; scale.md §6.7 tier 1).
     The error is the mean squared change the sub-layer makes to the residual stream, relative
     to the mean square of the stream it writes (after the sub-layer). A stacked expert group
-    is measured on `sampled` of its experts (the most used) and scaled to all of them by their
-    share of the routed tokens. The output head's change is measured directly as the KL it causes. `only`: the
+    is measured on `sampled` of its experts at most (the most used; fewer where they are large,
+    `sampled_count`) and scaled to all of them by their share of the routed tokens. The output head's change is measured directly as the KL it causes. `only`: the
     units to measure (default: all; the pass runs whole either way). Returns {"error": unit ->
     type -> error, "head": units measured as KL, "sampled": stacked expert unit -> (the paths
     of its measured experts, the factor their error was scaled by), "tokens": n, "rows": the
@@ -327,7 +340,8 @@ def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale
                 error[u][name] = float(delta.pow(2).sum(-1).mean()) / scale
             continue
         experts = sorted({int(p.split(".")[4]) for p in paths})
-        chosen = sorted(experts, key=lambda e: (-int(usage[e]), e))[:sampled]
+        count = sampled_count(len(experts), ex.tensors[paths[0]].numel, sampled)
+        chosen = sorted(experts, key=lambda e: (-int(usage[e]), e))[:count]
         outputs = {}
         for e in chosen:
             rows, slot = (idx == e).nonzero(as_tuple=True)

@@ -47,6 +47,18 @@ def test_probes_round_nothing_the_sensitivity_did_not(setup):
         assert len(paths) == sensitivity.SAMPLED_EXPERTS < len(units[u]) and factor > 1
 
 
+@pytest.mark.parametrize("experts,shape,want", [
+    (8, (64, 32), 8),  # small experts (the bundled model's): all of them
+    (64, (1024, 2048), 4),  # OLMoE-1B-7B
+    (128, (768, 2048), 5),  # Qwen3-30B-A3B
+    (8, (14336, 4096), 2),  # Mixtral-8x7B: never fewer than two
+])
+def test_large_experts_are_sampled_fewer(experts, shape, want):
+    """What the sensitivity rounds at every type is bounded by values, not experts: eight of
+    OLMoE's experts at seven types were half of each block's time at real size."""
+    assert sensitivity.sampled_count(experts, shape[0] * shape[1]) == want
+
+
 def test_each_factor_is_its_probes_kl_over_the_error_of_what_it_rounded(setup):
     model, units, calib = setup
     rounding = GGUFTarget()._rounding(model, None)
