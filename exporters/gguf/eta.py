@@ -11,7 +11,8 @@ type, plus its passes at the importance pass's rate per token:
 
 - sensitivity: each candidate type of every attention, dense-MLP, embedding and head unit,
   and of the sampled experts of each stacked expert group (sensitivity.sampled_count), plus
-  one pass;
+  one pass, plus for each type the sub-layers it computes again
+  (sensitivity.recomputed_values), at the importance pass's time per value and token;
 - probes: one pass per group of units (a kind of sub-layer in a depth band,
   sensitivity.probe_groups) and one for the reference; they round nothing new (a probe puts
   only the sampled experts at the probe type, rounded and kept already, rounded.py);
@@ -31,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from moecompile import ir
 from moecompile.analysis.sensitivity import (LOCAL_TOKENS, probe_groups, sampled_count,
                                              unit_kind)
 
@@ -56,19 +58,38 @@ def quantize_rates(sample: torch.Tensor, imatrix: np.ndarray | None,
     return out
 
 
+def pass_values(model: ir.Model) -> float:
+    """Weight values a token goes through in the importance pass: every matrix but the
+    embedding (a lookup) and the output head (whose logits it never computes), a MoE's
+    experts in the share top_k/n_experts."""
+    total = 0.0
+    for path, tensor in model.tensors():
+        if len(tensor.shape) != 2 or path in ("embed", "lm_head"):
+            continue
+        if ".experts." in path:
+            moe = model.blocks[int(path.split(".")[1])].ffn
+            total += tensor.numel * moe.top_k / moe.n_experts
+        else:
+            total += tensor.numel
+    return total
+
+
 def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str, float],
-             fit: str, pass_seconds: float, calib_tokens: int,
-             held_tokens: int = 0) -> dict[str, float]:
+             fit: str, pass_seconds: float, calib_tokens: int, held_tokens: int = 0,
+             recomputed: float = 0.0, passed: float = 1.0, types: int = 0) -> dict[str, float]:
     """Seconds of each stage (see the module's docstring). `units`: the IR paths of each unit
     (one path per expert in a stacked expert unit); `numel`: values per IR path; `rates`:
     seconds per value of each candidate type; `pass_seconds`: the importance pass over
     `calib_tokens` tokens; `held_tokens`: the held-out calibration's, on which the reference
-    and the mixes are measured too."""
+    and the mixes are measured too; `recomputed`: values a token goes through when the
+    sensitivity measures one type (sensitivity.recomputed_values), `types` times, against
+    `passed` a token goes through in the importance pass (pass_values)."""
     every_type = sum(rates.values())
     per_token = pass_seconds / max(calib_tokens, 1)
     one_pass = per_token * min(LOCAL_TOKENS, calib_tokens)
     checked = one_pass + per_token * min(LOCAL_TOKENS, held_tokens)
-    sensitivity, unsampled = one_pass, 0
+    sensitivity = one_pass * (1 + types * recomputed / max(passed, 1.0))
+    unsampled = 0
     for paths in units.values():
         values = sum(numel[p] for p in paths)
         if unit_kind(paths) == "experts":

@@ -285,7 +285,7 @@ class GGUFTarget(Target):
         local_asked = self._is_local(model, request)
         held = held_out(model, calib) if local_asked else None
         if streams(model) and local_asked:
-            expected = self._expected_seconds(groups, units, importance[0], unquantized,
+            expected = self._expected_seconds(model, groups, units, importance[0], unquantized,
                                               request.budget - fixed, calib.n_tokens,
                                               time.monotonic() - started, ctx.progress,
                                               0 if held is None else held.n_tokens)
@@ -461,9 +461,10 @@ class GGUFTarget(Target):
         return request.sensitivity == "local" or (request.sensitivity == "auto"
                                                   and streams(model))
 
-    def _expected_seconds(self, groups: dict, units: dict[str, list[str]], importance: dict,
-                          unquantized: int, weight_budget: int, calib_tokens: int,
-                          pass_seconds: float, progress: bool, held_tokens: int) -> dict:
+    def _expected_seconds(self, model: ir.Model, groups: dict, units: dict[str, list[str]],
+                          importance: dict, unquantized: int, weight_budget: int,
+                          calib_tokens: int, pass_seconds: float, progress: bool,
+                          held_tokens: int) -> dict:
         """The time of each stage still to come (eta.py), printed before the sensitivity
         starts: rates measured on one expert (else the first unit), the importance pass timed."""
         parts = [(t, i) for ts in groups.values() for t in ts for i in range(len(t.parts))]
@@ -478,7 +479,9 @@ class GGUFTarget(Target):
         numel = {p: part.numel for ts in groups.values() for t in ts
                  for p, part in zip(t.paths, t.parts)}
         stages = eta.estimate(units, numel, rates, fits[0] if fits else CANDIDATES[-1],
-                              pass_seconds, calib_tokens, held_tokens)
+                              pass_seconds, calib_tokens, held_tokens,
+                              sensitivity.recomputed_values(model, units, numel),
+                              eta.pass_values(model), len(auto_candidates(model)))
         total = sum(stages.values())
         if progress:
             tqdm.write(f"--quant auto at this size: about {_minutes(total)} from here ("

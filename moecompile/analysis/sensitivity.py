@@ -149,8 +149,8 @@ LOCAL_TOKENS = 1024  # calibration tokens the layer-local errors are measured on
 SAMPLED_EXPERTS = 8  # experts of a stacked group whose rounding is measured (the rest inferred)
 # ... at most, and no more values than this per group unless that leaves under MIN_SAMPLED:
 # rounding 8 experts of each OLMoE-1B-7B group at every candidate type was ~20 s of the ~41 s
-# each of its blocks took (4 per group: 17 min of the 16-layer --budget 5GB became ...); on
-# the bundled model 4 of its 8 experts chose the same types as all 8 at 14, 17 and 20 MB
+# each of its blocks took (4 per group: 19.6 s a block, on a machine ~1.5x faster at GEMM);
+# on the bundled model 4 of its 8 experts chose the same types as all 8 at 14, 17 and 20 MB
 SAMPLED_VALUES = 1 << 23
 MIN_SAMPLED = 2
 TOP_K = 1024  # reference log-probabilities kept per token for the end-to-end KL
@@ -166,6 +166,44 @@ def sampled_count(n_experts: int, expert_values: int, most: int = SAMPLED_EXPERT
     layer-local sensitivity measures: `most`, fewer where they would hold more than
     SAMPLED_VALUES values (OLMoE-1B-7B: 4, Qwen3-30B-A3B: 5, Mixtral-8x7B: 2)."""
     return min(n_experts, most, max(MIN_SAMPLED, SAMPLED_VALUES // max(expert_values, 1)))
+
+
+def recomputed_values(model: ir.Model, units: dict[str, list[str]],
+                      numel: dict[str, int]) -> float:
+    """Weight values one calibration token goes through, summed over `units`, when
+    `measure_local` measures one candidate type: each unit's sub-layer is computed again (a
+    block's whole attention, an MLP, the output head; a stacked expert group's sampled experts,
+    whole, on the tokens routed to them: top_k/n_experts of the tokens, on average). At 16
+    OLMoE-1B-7B layers the output head alone is 103 M values a token: this recomputation was
+    ~110 s of the 353 s the sensitivity took, which the time estimate had left out."""
+    sizes: dict[str, int] = {}  # a sub-layer's values: "blocks.i.attn", "blocks.i.ffn.experts.e"
+    for path, tensor in model.tensors():
+        parts = path.split(".")
+        if len(tensor.shape) != 2:  # norms: no product
+            continue
+        if path.startswith("blocks.") and parts[2] == "attn":
+            key = ".".join(parts[:3])
+        elif ".experts." in path or ".shared." in path or ".ffn.mlp." in path:
+            key = path.rsplit(".", 1)[0]
+        else:
+            continue
+        sizes[key] = sizes.get(key, 0) + tensor.numel
+    total = 0.0
+    for paths in units.values():
+        kind = unit_kind(paths)
+        if kind == "head":
+            total += sum(numel[p] for p in paths)
+        elif kind == "attention":
+            total += sizes[".".join(paths[0].split(".")[:3])]
+        elif kind == "experts":
+            moe = model.blocks[unit_block(paths)].ffn
+            experts = {int(p.split(".")[4]) for p in paths}
+            count = sampled_count(len(experts), numel[paths[0]])
+            expert = sizes[paths[0].rsplit(".", 1)[0]]
+            total += count * expert * moe.top_k / moe.n_experts
+        elif kind == "mlp":
+            total += sizes[paths[0].rsplit(".", 1)[0]]
+    return total
 
 
 def topk_kl(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

@@ -78,3 +78,39 @@ def test_each_factor_is_its_probes_kl_over_the_error_of_what_it_rounded(setup):
     assert info["probe_kl"][group] == pytest.approx(kl, rel=1e-4) and kl > 0
     error = sum(local["error"][u][PROBE] / local["sampled"][u][1] for u in members)
     assert info["kl_per_error"][group] == pytest.approx(kl / error, rel=1e-4)
+
+
+def test_the_time_estimate_counts_what_one_more_type_computes_again(tiny_model, monkeypatch):
+    """recomputed_values (the ETA's share of the sensitivity that is not rounding) against
+    the values × rows the products of measure_local go through for one more candidate type,
+    on a model whose experts are all sampled (their routed rows add up to top_k a token): the
+    same, once attention's padded positions are counted (the estimate counts tokens)."""
+    from moecompile.runtime.executor import ReferenceExecutor
+
+    model = frontend.load(tiny_model("mixtral", hidden_size=256, intermediate_size=64))
+    units = group_units(GGUFTarget().groups(model))
+    calib = build_calib(model, "add,sort", 4)
+    numel = {p: t.numel for p, t in model.tensors()}
+    counted = [0]
+    for name in ("linear", "matmul"):
+        original = getattr(ReferenceExecutor, name)
+
+        def counting(self, x, path, *rest, _original=original):
+            counted[0] += x.reshape(-1, x.shape[-1]).shape[0] * self.tensors[path].numel
+            return _original(self, x, path, *rest)
+
+        monkeypatch.setattr(ReferenceExecutor, name, counting)
+    values = {}
+    for types in (TYPES[:1], TYPES):
+        counted[0] = 0
+        local = sensitivity.measure_local(model, calib, units, types,
+                                          GGUFTarget()._rounding(model, None), progress=False)
+        values[len(types)] = counted[0]
+    positions = calib.mask[spread_rows(calib, sensitivity.LOCAL_TOKENS)].numel()
+    attention = {u: p for u, p in units.items() if sensitivity.unit_kind(p) == "attention"}
+    per_token = sensitivity.recomputed_values(model, units, numel)
+    in_attention = sensitivity.recomputed_values(model, attention, numel)
+    assert 0 < in_attention < per_token
+    # attention runs on the padded batch, the rest on the real tokens only
+    assert values[2] - values[1] == pytest.approx(
+        in_attention * positions + (per_token - in_attention) * local["tokens"], rel=1e-9)
