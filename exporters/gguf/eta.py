@@ -20,6 +20,10 @@ type, plus its passes at the importance pass's rate per token:
   what no earlier stage kept, so the estimate takes the experts not sampled rounded once at
   the type whose uniform file fits the budget, and one pass for each of three mixes (measured
   at 16 OLMoE layers, 5 GB: one distinct mix, 390 s, estimated 350 s);
+- once the sensitivity has chosen the mixes, `mixes_known` counts what each of them rounds
+  that is not kept yet (at 16 OLMoE layers the start's guess, the unsampled experts once at
+  the uniform-fit type, was 316 s for 541 s taken: the mixes held iq4_xs, quantized at half
+  q4_k's rate, and rounded some groups at two types);
 - the file copies the kept bytes; verification (the reference and its two nulls, each reading
   the checkpoint and dequantizing the file block by block) costs about three importance
   passes (measured at 16 OLMoE layers: 100 s against a 32 s pass).
@@ -103,3 +107,24 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
     verification = VERIFY_PASSES * pass_seconds
     return {"sensitivity": sensitivity, "probes": probes, "mixes": mixes,
             "file and verification": verification}
+
+
+def mixes_known(mixes: list[dict[str, str]], units: dict[str, list[str]],
+                numel: dict[str, int], rates: dict[str, float], kept, pass_seconds: float,
+                calib_tokens: int, held_tokens: int = 0) -> tuple[float, int]:
+    """(seconds, values to round) of measuring `mixes` (group -> type) end to end: what each
+    rounds that neither an earlier stage kept (`kept(path, type)`) nor an earlier mix rounded,
+    at the type's rate (16-bit types are casts: not counted), and a pass each."""
+    per_token = pass_seconds / max(calib_tokens, 1)
+    checked = per_token * (min(LOCAL_TOKENS, calib_tokens) + min(LOCAL_TOKENS, held_tokens))
+    seconds, values, seen = len(mixes) * checked, 0, set()
+    for mix in mixes:
+        for group, name in mix.items():
+            if name not in rates:
+                continue
+            for path in units[group]:
+                if (path, name) not in seen and not kept(path, name):
+                    seen.add((path, name))
+                    seconds += numel[path] * rates[name]
+                    values += numel[path]
+    return seconds, values

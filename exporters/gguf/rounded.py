@@ -63,6 +63,10 @@ class RoundedStore:
         self.hits += 1
         return ggml.dequantize(self.stored(path, qtype), qtype, shape)
 
+    def holds(self, path: str, qtype: int) -> bool:
+        """Whether the bytes of `path` at `qtype` are kept (using them rounds nothing)."""
+        return (path, qtype) in self._index
+
     def stored(self, path: str, qtype: int) -> np.ndarray | None:
         """The kept bytes of `path` at `qtype` (None: never rounded to it, or not kept), what a
         file of that type holds: the writer copies them instead of quantizing again."""

@@ -281,19 +281,22 @@ class GGUFTarget(Target):
         importance = self.importance(model, ctx)
         units = group_units(groups)
         size = lambda g, name: self.group_bytes(groups[g], name)  # noqa: E731
-        expected = None
+        expected = announce = None
         local_asked = self._is_local(model, request)
         held = held_out(model, calib) if local_asked else None
         if streams(model) and local_asked:
-            expected = self._expected_seconds(model, groups, units, importance[0], unquantized,
-                                              request.budget - fixed, calib.n_tokens,
-                                              time.monotonic() - started, ctx.progress,
-                                              0 if held is None else held.n_tokens)
+            timing = (time.monotonic() - started, calib.n_tokens,
+                      0 if held is None else held.n_tokens)
+            expected, rates = self._expected_seconds(model, groups, units, importance[0],
+                                                     unquantized, request.budget - fixed,
+                                                     *timing, ctx.progress)
+            announce = self._mixes_announcer(groups, units, rates, store, timing, expected,
+                                             ctx.progress)
         sens, local, info, measure = self._type_sensitivity(model, calib, units, importance,
                                                             request, ctx, store, held)
         group_types, total, predicted, extra, tail = allocate.choose_reported(
             sens, size, unquantized, request.budget - fixed,
-            (lambda g: g.endswith("_exps"), measure, info) if local else None)
+            (lambda g: g.endswith("_exps"), measure, info) if local else None, announce)
         by_tensor = {t.name: group_types[g] for g, ts in groups.items() for t in ts}
         quant = {"method": "auto", "calib": calib.spec, "predicted_kl": predicted,
                  "groups": group_types, "sensitivity": sens, **extra}
@@ -463,10 +466,11 @@ class GGUFTarget(Target):
 
     def _expected_seconds(self, model: ir.Model, groups: dict, units: dict[str, list[str]],
                           importance: dict, unquantized: int, weight_budget: int,
-                          calib_tokens: int, pass_seconds: float, progress: bool,
-                          held_tokens: int) -> dict:
+                          pass_seconds: float, calib_tokens: int, held_tokens: int,
+                          progress: bool) -> tuple[dict, dict[str, float]]:
         """The time of each stage still to come (eta.py), printed before the sensitivity
-        starts: rates measured on one expert (else the first unit), the importance pass timed."""
+        starts: rates measured on one expert (else the first unit), the importance pass timed.
+        Returns (the stages' seconds for the report, the rates: seconds per value by type)."""
         parts = [(t, i) for ts in groups.values() for t in ts for i in range(len(t.parts))]
         t, i = next(((t, i) for t, i in parts if writer.is_stacked(t.name)), parts[0])
         n = t.parts[i].shape[-1]
@@ -476,8 +480,7 @@ class GGUFTarget(Target):
         fits = [name for name in CANDIDATES
                 if unquantized + sum(self.group_bytes(ts, name) for ts in groups.values())
                 <= weight_budget]
-        numel = {p: part.numel for ts in groups.values() for t in ts
-                 for p, part in zip(t.paths, t.parts)}
+        numel = _numel(groups)
         stages = eta.estimate(units, numel, rates, fits[0] if fits else CANDIDATES[-1],
                               pass_seconds, calib_tokens, held_tokens,
                               sensitivity.recomputed_values(model, units, numel),
@@ -489,7 +492,31 @@ class GGUFTarget(Target):
                        + f"; measured: the importance pass {pass_seconds:.0f} s, "
                        f"{LOCAL_PROBE} at {1e-6 / rates[LOCAL_PROBE]:.0f} M values/s)",
                        file=sys.stderr)
-        return {k: round(v, 1) for k, v in {**stages, "total": total}.items()}
+        return {k: round(v, 1) for k, v in {**stages, "total": total}.items()}, rates
+
+    @staticmethod
+    def _mixes_announcer(groups: dict, units: dict[str, list[str]], rates: dict[str, float],
+                         store, timing: tuple[float, int, int], expected: dict, progress: bool):
+        """`announce(mixes)` for choose_measured: once the mixes are chosen, the time their
+        measurement takes (eta.mixes_known) is printed and recorded in `expected` — the
+        estimate printed at the start could only guess which types they hold."""
+        numel = _numel(groups)
+        planned = {p: t for ts in groups.values() for t in ts for p in t.paths}
+
+        def kept(path: str, name: str) -> bool:
+            t = planned[path]
+            return store is not None and store.holds(
+                path, int(ggml_type(stored_type(t.name, t.shape, name))))
+
+        def announce(mixes: list[dict[str, str]]) -> None:
+            seconds, values = eta.mixes_known(mixes, units, numel, rates, kept, *timing)
+            expected["mixes, once known"] = round(seconds, 1)
+            if progress:
+                tqdm.write(f"--quant auto: {len(mixes)} mix(es) to measure end to end: about "
+                           f"{_minutes(seconds)} from here ({values / 1e9:.2f} G values to "
+                           f"round, a pass each)", file=sys.stderr)
+
+        return announce
 
     def _type_sensitivity(self, model: ir.Model, calib, units: dict[str, list[str]],
                           importance, request: TypeRequest, ctx, store=None, held=None,
@@ -669,6 +696,12 @@ class GGUFTarget(Target):
                  f"{p.python_args['n_gpu_layers']}, n_ctx={p.python_args['n_ctx']}): "
                  f"{p.python_note}"]
         return lines, {"offload": p.to_dict()}
+
+
+def _numel(groups: dict) -> dict[str, int]:
+    """Values per IR path of the groups' tensors."""
+    return {p: part.numel for ts in groups.values() for t in ts
+            for p, part in zip(t.paths, t.parts)}
 
 
 def _minutes(seconds: float) -> str:

@@ -54,12 +54,13 @@ def choose(sens: dict[str, dict[str, float]], size, fixed: int,
 
 
 def choose_measured(sens: dict[str, dict[str, float]], size, fixed: int, weight_budget: int,
-                    is_expert, measure, factors=(4.0, 0.25)):
+                    is_expert, measure, factors=(4.0, 0.25), announce=None):
     """`choose` for a *predicted* sensitivity (layer-local errors turned into KL by one probe
     per kind of sub-layer and depth band), whose weakest part is how much one kind's errors
     cost next to another's. Beside its choice, the mixes it would choose with the experts'
     (`is_expert(g)`) predicted losses scaled by each of `factors` are measured end to end too
-    (`measure(group -> type)` -> KL, one streaming pass each) and the lowest measured KL wins.
+    (`measure(group -> type)` -> KL, one streaming pass each) and the lowest measured KL wins;
+    `announce(mixes)`, given, is told them first (what they will cost is known only now).
     Returns (group -> type, total bytes, predicted loss, measured KL, every measured KL)."""
     mixes = [choose(sens, size, fixed, weight_budget)]
     for factor in factors:
@@ -68,6 +69,8 @@ def choose_measured(sens: dict[str, dict[str, float]], size, fixed: int, weight_
         mix = choose(scaled, size, fixed, weight_budget)
         if all(mix[0] != m[0] for m in mixes):
             mixes.append(mix)
+    if announce is not None:
+        announce([m[0] for m in mixes])
     measured = [measure(m[0]) for m in mixes]
     best = min(range(len(mixes)), key=measured.__getitem__)
     types, total, _ = mixes[best]
@@ -75,16 +78,17 @@ def choose_measured(sens: dict[str, dict[str, float]], size, fixed: int, weight_
 
 
 def choose_reported(sens: dict[str, dict[str, float]], size, fixed: int, weight_budget: int,
-                    local=None):
+                    local=None, announce=None):
     """What both targets' `--quant auto` does with a sensitivity: `choose`, or, for a
     layer-local one (`local` = (is_expert, measure, info) as `choose_measured` takes them, and
-    the sensitivity's own description), `choose_measured`. Returns (group -> type, total bytes,
-    predicted loss, the report's extra fields, the summary line's tail)."""
+    the sensitivity's own description), `choose_measured` (told `announce`). Returns (group ->
+    type, total bytes, predicted loss, the report's extra fields, the summary line's tail)."""
     if local is None:
         return (*choose(sens, size, fixed, weight_budget), {}, "")
     is_expert, measure, info = local
     types, total, predicted, measured, tried = choose_measured(sens, size, fixed, weight_budget,
-                                                               is_expert, measure)
+                                                               is_expert, measure,
+                                                               announce=announce)
     return (types, total, predicted,
             {"measured_kl": measured, "mixes_measured": tried, "sensitivity_method": info},
             f", measured {measured:.4f} end to end (layer-local sensitivity on "

@@ -149,7 +149,7 @@ LOCAL_TOKENS = 1024  # calibration tokens the layer-local errors are measured on
 SAMPLED_EXPERTS = 8  # experts of a stacked group whose rounding is measured (the rest inferred)
 # ... at most, and no more values than this per group unless that leaves under MIN_SAMPLED:
 # rounding 8 experts of each OLMoE-1B-7B group at every candidate type was ~20 s of the ~41 s
-# each of its blocks took (4 per group: 19.6 s a block, on a machine ~1.5x faster at GEMM);
+# each of its blocks took at GEMM 152 GFLOP/s (4 per group: 19.6 s a block at 227 GFLOP/s);
 # on the bundled model 4 of its 8 experts chose the same types as all 8 at 14, 17 and 20 MB
 SAMPLED_VALUES = 1 << 23
 MIN_SAMPLED = 2
@@ -269,11 +269,12 @@ def measure_local(model: ir.Model, calib: CalibSet, units: dict[str, list[str]],
     The error is the mean squared change the sub-layer makes to the residual stream, relative
     to the mean square of the stream it writes (after the sub-layer). A stacked expert group
     is measured on `sampled` of its experts at most (the most used; fewer where they are large,
-    `sampled_count`) and scaled to all of them by their share of the routed tokens. The output head's change is measured directly as the KL it causes. `only`: the
-    units to measure (default: all; the pass runs whole either way). Returns {"error": unit ->
-    type -> error, "head": units measured as KL, "sampled": stacked expert unit -> (the paths
-    of its measured experts, the factor their error was scaled by), "tokens": n, "rows": the
-    calibration rows}."""
+    `sampled_count`) and scaled to all of them by their share of the routed tokens. The output
+    head's change is measured directly as the KL it causes. `only`: the units to measure
+    (default: all; the pass runs whole either way). Returns {"error": unit -> type -> error,
+    "head": units measured as KL, "sampled": stacked expert unit -> (the paths of its measured
+    experts, the factor their error was scaled by), "tokens": n, "rows": the calibration
+    rows}."""
     from moecompile.runtime.streaming import StreamingExecutor
 
     rows = spread_rows(calib, tokens)
@@ -383,7 +384,8 @@ def _moe_errors(ex, i, xn, ffn_units, units, candidates, rounded, swapped, scale
         outputs = {}
         for e in chosen:
             rows, slot = (idx == e).nonzero(as_tuple=True)
-            outputs[e] = (rows, weights[rows, slot, None], ex.mlp(xn[rows], f"{prefix}.experts.{e}"))
+            outputs[e] = (rows, weights[rows, slot, None],
+                          ex.mlp(xn[rows], f"{prefix}.experts.{e}"))
         share = sum(int(usage[e]) for e in experts) / max(1, sum(int(usage[e]) for e in chosen))
         sampled_paths[u] = ([p for p in paths if int(p.split(".")[4]) in chosen], share)
         for name in types_of(candidates, u):

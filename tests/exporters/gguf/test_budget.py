@@ -427,13 +427,18 @@ def test_a_model_that_streams_says_how_long_and_writes_the_kept_bytes(tiny_model
     assert main([str(folder), "-o", str(out), "--quant", "auto", "--budget",
                  str(context_bytes(model, 128) + q4), "--ctx", "128", "--calib", "add,rev",
                  "--calib-n", "3"]) == 0
+    said = capsys.readouterr().err
     assert re.search(r"--quant auto at this size: about \d+ s from here \(sensitivity \d+ s, "
-                     r"probes \d+ s, mixes \d+ s, file and verification \d+ s; measured",
-                     capsys.readouterr().err)
+                     r"probes \d+ s, mixes \d+ s, file and verification \d+ s; measured", said)
     report = json.loads(out.with_suffix(".report.json").read_text())
     expected = report["quant"]["expected_seconds"]
     stages = ("sensitivity", "probes", "mixes", "file and verification")
     assert all(expected[k] > 0 for k in stages)
+    # once the mixes are chosen, their time is said again from what they will round
+    mixes = len(report["quant"]["mixes_measured"])
+    assert re.search(rf"--quant auto: {mixes} mix\(es\) to measure end to end: about \d+ s "
+                     r"from here \(\d+\.\d\d G values to round, a pass each\)", said)
+    assert expected["mixes, once known"] > 0
     assert abs(expected["total"] - sum(expected[k] for k in stages)) < 0.5
     assert report["quant"]["seconds_to_choose"] > 0 and report["verification"]["passed"]
     assert not any((tmp_path / "cache" / "rounded").iterdir())

@@ -154,3 +154,25 @@ def test_allow_prune_writes_the_winners_rounded_weights_as_measured(smallest_bud
         files.append(out.read_bytes())
     assert kept[0] > 0 and kept[1] == 0
     assert files[0] == files[1]
+
+
+def test_the_mixes_time_counts_only_what_is_not_kept_yet():
+    """eta.mixes_known: a pass per mix, plus each (weight, type) no earlier stage kept and no
+    earlier mix rounded, at its type's rate; a 16-bit type (a cast) rounds nothing."""
+    from moecompile.exporters.gguf import eta
+
+    units = {"a": ["w0", "w1"], "b": ["w2"]}
+    numel = {"w0": 10, "w1": 20, "w2": 40}
+    rates = {"q4_k": 1.0, "q3_k": 2.0}
+    nothing_kept = lambda path, name: False  # noqa: E731
+    one_pass = 8 / 4096 * eta.LOCAL_TOKENS
+
+    def time_of(mixes, kept=nothing_kept):
+        return eta.mixes_known(mixes, units, numel, rates, kept, 8.0, 4096)
+
+    assert time_of([{"a": "q4_k", "b": "bf16"}]) == (one_pass + 30.0, 30)
+    # the second mix rounds only b at q3_k: a at q4_k was rounded by the first
+    assert time_of([{"a": "q4_k", "b": "q4_k"}, {"a": "q4_k", "b": "q3_k"}]) == (
+        2 * one_pass + 70.0 + 80.0, 110)
+    assert time_of([{"a": "q4_k", "b": "q4_k"}], lambda path, name: path != "w2") == (
+        one_pass + 40.0, 40)
