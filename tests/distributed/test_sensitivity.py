@@ -66,11 +66,13 @@ def test_layer_local_sensitivity_on_two_workers_equals_this_process(ray_engine, 
     assert ray_engine.tasks - tasks == 2 + len(groups)  # the errors, then one probe per group
     # bit for bit on an AVX-512 Xeon; on an AMD EPYC (AVX2) a worker's results differ from
     # this process's at one thread by up to 1.3e-5 relative (torch's kernels there sum in
-    # another order: this process's own errors differ between one and two threads)
+    # another order: this process's own errors differ between one and two threads), and on
+    # another AMD EPYC (2026-12-05) by 1.16e-4, the same at f75623f: a probe's KL of ~1e-6 is
+    # a mean of float32 log-probability differences, whose last bits move with the order
     assert list(got) == list(want) and info.keys() == want_info.keys()
     for u in want:
-        assert got[u] == pytest.approx(want[u], rel=1e-4, abs=1e-12), u
-    assert info["probe_kl"] == pytest.approx(want_info["probe_kl"], rel=1e-4)
+        assert got[u] == pytest.approx(want[u], rel=5e-4, abs=1e-12), u
+    assert info["probe_kl"] == pytest.approx(want_info["probe_kl"], rel=5e-4)
     assert set(info["probe_kl"]) == set(groups)
     assert {g.split(",")[0] for g in groups} == {"attention", "experts", "mlp", "embedding"}
     with rounding("q4_k") as value:  # the end-to-end check runs here, on the same reference
