@@ -61,6 +61,7 @@ import json, resource, sys, time, torch
 from moecompile import frontend
 from moecompile.analysis.calibration import build_calib
 from moecompile.analysis.imatrix import collect_streaming
+from moecompile.exporters.gguf.eta import pass_values
 model = frontend.load(sys.argv[1])
 calib = build_calib(model, "default", int(sys.argv[2]))
 paths = {p for p, t in model.tensors() if len(t.shape) == 2}
@@ -79,10 +80,7 @@ t = time.perf_counter()
 collect_streaming(model, calib, paths)
 wall = time.perf_counter() - t
 # the matmuls the pass computes: the head's input is observed, its logits are never needed
-active = sum(t.numel for p, t in model.tensors()
-             if ".experts." not in p and p not in ("embed", "lm_head"))
-active += sum(t.numel for p, t in model.tensors() if ".experts.0." in p) * model.blocks[0].ffn.top_k
-flops = 2 * active * calib.n_tokens
+flops = 2 * pass_values(model) * calib.n_tokens
 print(json.dumps({"tokens": calib.n_tokens, "gemm_gflops": gemm / 1e9, "read_s": read,
                   "matmul_s": flops / gemm, "pass_s": wall,
                   "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))

@@ -78,9 +78,16 @@ def pass_values(model: ir.Model) -> float:
     return total
 
 
+def checked_pass(pass_seconds: float, calib_tokens: int, held_tokens: int) -> float:
+    """Seconds of one end-to-end pass of a mix (or of the reference) over the measurement
+    tokens and the held-out ones, at the importance pass's rate per token."""
+    per_token = pass_seconds / max(calib_tokens, 1)
+    return per_token * (min(LOCAL_TOKENS, calib_tokens) + min(LOCAL_TOKENS, held_tokens))
+
+
 def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str, float],
-             fit: str, pass_seconds: float, calib_tokens: int, held_tokens: int = 0,
-             recomputed: float = 0.0, passed: float = 1.0, types: int = 0) -> dict[str, float]:
+             fit: str, pass_seconds: float, calib_tokens: int, held_tokens: int, *,
+             recomputed: float, passed: float, types: int) -> dict[str, float]:
     """Seconds of each stage (see the module's docstring). `units`: the IR paths of each unit
     (one path per expert in a stacked expert unit); `numel`: values per IR path; `rates`:
     seconds per value of each candidate type; `pass_seconds`: the importance pass over
@@ -91,7 +98,7 @@ def estimate(units: dict[str, list[str]], numel: dict[str, int], rates: dict[str
     every_type = sum(rates.values())
     per_token = pass_seconds / max(calib_tokens, 1)
     one_pass = per_token * min(LOCAL_TOKENS, calib_tokens)
-    checked = one_pass + per_token * min(LOCAL_TOKENS, held_tokens)
+    checked = checked_pass(pass_seconds, calib_tokens, held_tokens)
     sensitivity = one_pass * (1 + types * recomputed / max(passed, 1.0))
     unsampled = 0
     for paths in units.values():
@@ -115,9 +122,8 @@ def mixes_known(mixes: list[dict[str, str]], units: dict[str, list[str]],
     """(seconds, values to round) of measuring `mixes` (group -> type) end to end: what each
     rounds that neither an earlier stage kept (`kept(path, type)`) nor an earlier mix rounded,
     at the type's rate (16-bit types are casts: not counted), and a pass each."""
-    per_token = pass_seconds / max(calib_tokens, 1)
-    checked = per_token * (min(LOCAL_TOKENS, calib_tokens) + min(LOCAL_TOKENS, held_tokens))
-    seconds, values, seen = len(mixes) * checked, 0, set()
+    seconds = len(mixes) * checked_pass(pass_seconds, calib_tokens, held_tokens)
+    values, seen = 0, set()
     for mix in mixes:
         for group, name in mix.items():
             if name not in rates:

@@ -483,8 +483,8 @@ class GGUFTarget(Target):
         numel = _numel(groups)
         stages = eta.estimate(units, numel, rates, fits[0] if fits else CANDIDATES[-1],
                               pass_seconds, calib_tokens, held_tokens,
-                              sensitivity.recomputed_values(model, units, numel),
-                              eta.pass_values(model), len(auto_candidates(model)))
+                              recomputed=sensitivity.recomputed_values(model, units, numel),
+                              passed=eta.pass_values(model), types=len(auto_candidates(model)))
         total = sum(stages.values())
         if progress:
             tqdm.write(f"--quant auto at this size: about {_minutes(total)} from here ("
